@@ -1,0 +1,101 @@
+//! orchd's command line: every flag has an environment fallback, durations
+//! are humantime (`30s`, `7d`).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// orchd, the orchestrator control plane.
+#[derive(Debug, Parser)]
+#[command(name = "orchd", version, about, long_about = None)]
+pub struct Cli {
+    /// What to run.
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log format on stderr; the level comes from RUST_LOG (default info).
+    #[arg(long, env = "ORCH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+}
+
+/// orchd's subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the gRPC API, the REST shim and the dispatcher, with Redis as
+    /// the store and RabbitMQ as the queue.
+    Serve(ServeConfig),
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Settings of `orchd serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeConfig {
+    /// Where the gRPC API listens.
+    #[arg(long, env = "ORCH_GRPC_ADDR", default_value = "0.0.0.0:50051")]
+    pub grpc_addr: SocketAddr,
+    /// Where the REST shim listens.
+    #[arg(long, env = "ORCH_HTTP_ADDR", default_value = "0.0.0.0:8000")]
+    pub http_addr: SocketAddr,
+    /// The Redis that stores jobs.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379/")]
+    pub redis_url: String,
+    /// The RabbitMQ that carries dispatches to workers.
+    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    pub amqp_url: String,
+    /// Prefix of every Redis key orchd writes.
+    #[arg(long, env = "ORCH_REDIS_PREFIX", default_value = "orch:")]
+    pub redis_prefix: String,
+    /// How long terminal jobs are kept before they are purged.
+    #[arg(long, env = "ORCH_RETENTION", default_value = "7d", value_parser = humantime::parse_duration)]
+    pub retention: Duration,
+    /// Largest accepted job payload, in bytes.
+    #[arg(long, env = "ORCH_MAX_PAYLOAD_BYTES", default_value_t = 1024 * 1024)]
+    pub max_payload_bytes: usize,
+}
+
+impl ServeConfig {
+    /// Defaults with the given dependencies, listening on ephemeral
+    /// loopback ports: what tests and embedders start from.
+    pub fn local(redis_url: impl Into<String>, amqp_url: impl Into<String>) -> Self {
+        ServeConfig {
+            grpc_addr: "127.0.0.1:0".parse().expect("valid address"),
+            http_addr: "127.0.0.1:0".parse().expect("valid address"),
+            redis_url: redis_url.into(),
+            amqp_url: amqp_url.into(),
+            redis_prefix: "orch:".into(),
+            retention: Duration::from_secs(7 * 24 * 3600),
+            max_payload_bytes: 1024 * 1024,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serve_defaults_match_the_documented_ports() {
+        let cli = Cli::try_parse_from(["orchd", "serve"]).unwrap();
+        let Command::Serve(cfg) = cli.command;
+        assert_eq!(cfg.grpc_addr.port(), 50051);
+        assert_eq!(cfg.http_addr.port(), 8000);
+        assert_eq!(cfg.retention, Duration::from_secs(7 * 24 * 3600));
+        assert_eq!(cfg.max_payload_bytes, 1 << 20);
+    }
+
+    #[test]
+    fn durations_are_humantime() {
+        let cli = Cli::try_parse_from(["orchd", "serve", "--retention", "2h"]).unwrap();
+        let Command::Serve(cfg) = cli.command;
+        assert_eq!(cfg.retention, Duration::from_secs(7200));
+        assert!(Cli::try_parse_from(["orchd", "serve", "--retention", "soon"]).is_err());
+    }
+}

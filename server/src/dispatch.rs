@@ -1,0 +1,139 @@
+//! The dispatcher: publishes jobs from the store's due-set (the outbox) to
+//! the queue, and removes each from the due-set only once the broker has
+//! confirmed it.
+//!
+//! A submit stores the job with a due-set entry already claimed by this
+//! process and publishes it at once. If the publish fails or the process
+//! dies first, the claim runs out and the outbox loop of any replica
+//! publishes the job. Claims are taken atomically in the store, so replicas
+//! never publish the same entry at the same time; a duplicate after a
+//! crash is harmless because workers are fenced by the lease.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use orchestrator::job::{ms_to_timestamp, now_ms};
+use orchestrator::proto::v1::{DispatchMessage, Job};
+use orchestrator::queue::JobQueue;
+use orchestrator::store::{DueJob, JobStore};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// Settings of the outbox loop.
+#[derive(Debug, Clone, Copy)]
+pub struct DispatchConfig {
+    /// How long a claimed entry is left alone before another dispatcher may
+    /// publish it again.
+    pub claim_ttl: Duration,
+    /// How often the loop looks for due entries when it found none.
+    pub poll_interval: Duration,
+    /// Most entries claimed at once.
+    pub batch: usize,
+}
+
+impl Default for DispatchConfig {
+    fn default() -> Self {
+        DispatchConfig {
+            claim_ttl: Duration::from_secs(5),
+            poll_interval: Duration::from_millis(100),
+            batch: 500,
+        }
+    }
+}
+
+/// Publishes jobs; cheap to clone.
+#[derive(Clone)]
+pub struct Dispatcher {
+    store: Arc<dyn JobStore>,
+    queue: Arc<dyn JobQueue>,
+    config: DispatchConfig,
+}
+
+impl Dispatcher {
+    /// A dispatcher from `store`'s due-set to `queue`.
+    pub fn new(store: Arc<dyn JobStore>, queue: Arc<dyn JobQueue>, config: DispatchConfig) -> Self {
+        Dispatcher { store, queue, config }
+    }
+
+    /// The claim duration, in ms.
+    pub fn claim_ttl_ms(&self) -> i64 {
+        self.config.claim_ttl.as_millis() as i64
+    }
+
+    /// Publishes a just-created job in the background.
+    pub fn dispatch_soon(&self, job: &Job, claim: i64) {
+        let Ok(id) = Uuid::try_parse(&job.id) else {
+            return;
+        };
+        let due = DueJob {
+            id,
+            kind: job.kind.clone(),
+            queue: job.queue.clone(),
+            attempt: job.attempt,
+            claim,
+        };
+        let this = self.clone();
+        tokio::spawn(async move { this.publish(due).await });
+    }
+
+    /// Publishes one claimed entry and acknowledges it in the store.
+    /// Returns whether the broker confirmed it.
+    async fn publish(&self, due: DueJob) -> bool {
+        let message = DispatchMessage {
+            job_id: due.id.to_string(),
+            kind: due.kind.clone(),
+            queue: due.queue.clone(),
+            attempt: due.attempt + 1,
+            published_at: Some(ms_to_timestamp(now_ms())),
+        };
+        if let Err(e) = self.queue.publish(&message).await {
+            tracing::warn!(job_id = %due.id, error = %e, "publish failed; the outbox will retry");
+            return false;
+        }
+        tracing::debug!(job_id = %due.id, queue = %due.queue, "dispatched");
+        if let Err(e) = self.store.ack_due(due.id, due.claim).await {
+            // The entry comes due again and the job is published twice;
+            // workers drop the duplicate.
+            tracing::warn!(job_id = %due.id, error = %e, "could not clear the due entry");
+        }
+        true
+    }
+
+    /// Runs the outbox loop until `shutdown`.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut failures = 0u32;
+        loop {
+            let now = now_ms();
+            let claimed = self
+                .store
+                .claim_due(now, now + self.claim_ttl_ms(), self.config.batch)
+                .await;
+            let pause = match claimed {
+                Ok(due) if due.is_empty() => self.config.poll_interval,
+                Ok(due) => {
+                    let full = due.len() == self.config.batch;
+                    let published = futures::future::join_all(due.into_iter().map(|d| self.publish(d))).await;
+                    if published.iter().all(|ok| *ok) {
+                        failures = 0;
+                    } else {
+                        failures += 1;
+                    }
+                    if full && failures == 0 { Duration::ZERO } else { backoff(failures, self.config.poll_interval) }
+                }
+                Err(e) => {
+                    failures += 1;
+                    tracing::warn!(error = %e, "outbox: cannot read the due-set");
+                    backoff(failures, self.config.poll_interval)
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
+    }
+}
+
+fn backoff(failures: u32, base: Duration) -> Duration {
+    (base * 2u32.saturating_pow(failures.min(5))).min(Duration::from_secs(2))
+}

@@ -1,0 +1,166 @@
+//! orchd, the control plane: wires the Redis store, the RabbitMQ
+//! dispatcher, the gRPC services, the REST shim, health and reflection,
+//! and runs them until shutdown.
+
+pub mod config;
+pub mod dispatch;
+pub mod grpc;
+pub mod health;
+pub mod janitor;
+// OPENAPI pub mod openapi;
+pub mod rest;
+pub mod service;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use orchestrator::proto::v1::job_service_server::JobServiceServer;
+use orchestrator::queue::JobQueue;
+use orchestrator::queue::amqp::AmqpQueue;
+use orchestrator::store::JobStore;
+use orchestrator::store::redis::{RedisStore, RedisStoreConfig};
+use orchestrator::validate::Limits;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use config::ServeConfig;
+
+use crate::dispatch::{DispatchConfig, Dispatcher};
+use crate::health::Health;
+use crate::service::JobService;
+
+/// Why orchd could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// A listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Bad configuration.
+    #[error(transparent)]
+    Config(#[from] orchestrator::Error),
+    /// The gRPC reflection service could not be built.
+    #[error("reflection: {0}")]
+    Reflection(String),
+}
+
+/// A started orchd.
+pub struct Running {
+    /// Where gRPC listens (the real port when 0 was asked for).
+    pub grpc_addr: SocketAddr,
+    /// Where the REST shim listens.
+    pub http_addr: SocketAddr,
+    handle: JoinHandle<()>,
+}
+
+impl Running {
+    /// Waits until every part has stopped after shutdown.
+    pub async fn wait(self) {
+        let _ = self.handle.await;
+    }
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Bind { addr, source })
+}
+
+/// Starts `orchd serve` and returns once it listens. Everything stops when
+/// `shutdown` is cancelled; [`Running::wait`] waits for that.
+pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<Running, ServerError> {
+    let store_config = RedisStoreConfig {
+        url: config.redis_url.clone(),
+        prefix: config.redis_prefix.clone(),
+        retention: config.retention,
+    };
+    let store: Arc<dyn JobStore> = Arc::new(RedisStore::new(&store_config)?);
+    let queue: Arc<dyn JobQueue> = Arc::new(AmqpQueue::new(config.amqp_url.clone()));
+    let limits = Limits {
+        max_payload_bytes: config.max_payload_bytes,
+    };
+    let dispatcher = Dispatcher::new(store.clone(), queue.clone(), DispatchConfig::default());
+    let service = JobService::new(store.clone(), dispatcher.clone(), limits, shutdown.clone());
+
+    let grpc_listener = bind(config.grpc_addr).await?;
+    let http_listener = bind(config.http_addr).await?;
+    let grpc_addr = grpc_listener.local_addr().map_err(|source| ServerError::Bind { addr: config.grpc_addr, source })?;
+    let http_addr = http_listener.local_addr().map_err(|source| ServerError::Bind { addr: config.http_addr, source })?;
+
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    let health = Health::default();
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(orchestrator::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServerError::Reflection(e.to_string()))?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(orchestrator::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| ServerError::Reflection(e.to_string()))?;
+
+    let grpc = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(JobServiceServer::new(grpc::GrpcJobs::new(service.clone())))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+            shutdown.clone().cancelled_owned(),
+        );
+    let max_body = config.max_payload_bytes.saturating_mul(2).saturating_add(64 * 1024);
+    let router = rest::router(
+        rest::RestState {
+            service: service.clone(),
+            health: health.clone(),
+        },
+        max_body,
+    );
+    let http = axum::serve(http_listener, router).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(health::run(
+        store.clone(),
+        queue.clone(),
+        reporter,
+        health,
+        Duration::from_secs(1),
+        shutdown.clone(),
+    ));
+    tasks.spawn(dispatcher.run(shutdown.clone()));
+    tasks.spawn(janitor::run(store.clone(), Duration::from_secs(60), shutdown.clone()));
+    let grpc_shutdown = shutdown.clone();
+    tasks.spawn(async move {
+        if let Err(e) = grpc.await {
+            tracing::error!(error = %e, "gRPC server failed");
+            grpc_shutdown.cancel();
+        }
+    });
+    let http_shutdown = shutdown.clone();
+    tasks.spawn(async move {
+        if let Err(e) = http.await {
+            tracing::error!(error = %e, "REST server failed");
+            http_shutdown.cancel();
+        }
+    });
+    tracing::info!(%grpc_addr, %http_addr, "orchd listening");
+    let handle = tokio::spawn(async move { while tasks.join_next().await.is_some() {} });
+    Ok(Running {
+        grpc_addr,
+        http_addr,
+        handle,
+    })
+}
+
+/// Runs `orchd serve` until `shutdown` is cancelled.
+pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(), ServerError> {
+    start(config, shutdown).await?.wait().await;
+    Ok(())
+}

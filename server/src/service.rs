@@ -1,0 +1,243 @@
+//! The job operations, once: submit, get, list, cancel and watch. The gRPC
+//! service and the REST routes are thin adapters over [`JobService`]; this
+//! is where requests are validated and the state machine is enforced.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::stream::{BoxStream, StreamExt};
+use orchestrator::error::{Error, Result};
+use orchestrator::job::{job_state, ms_to_timestamp, now_ms};
+use orchestrator::proto::v1::{Job, ListJobsRequest, ListJobsResponse, SubmitJobRequest, Transition};
+use orchestrator::state::{self, State};
+use orchestrator::store::{Applied, Change, Created, Due, JobStore};
+use orchestrator::validate::{self, Limits};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::dispatch::Dispatcher;
+
+/// How often a CAS that lost a race is retried before giving up.
+const MAX_CAS_RETRIES: usize = 8;
+/// How often a watch re-reads the job even without a change notification,
+/// in case one was lost while Redis reconnected.
+const WATCH_RESYNC: Duration = Duration::from_secs(2);
+/// How often a watch polls once its change subscription is gone.
+const WATCH_POLL: Duration = Duration::from_millis(500);
+
+/// The job operations shared by every API surface.
+#[derive(Clone)]
+pub struct JobService {
+    store: Arc<dyn JobStore>,
+    dispatcher: Dispatcher,
+    limits: Limits,
+    shutdown: CancellationToken,
+}
+
+impl JobService {
+    /// A service over `store` that dispatches through `dispatcher`.
+    /// Watch streams end when `shutdown` is cancelled.
+    pub fn new(
+        store: Arc<dyn JobStore>,
+        dispatcher: Dispatcher,
+        limits: Limits,
+        shutdown: CancellationToken,
+    ) -> Self {
+        JobService {
+            store,
+            dispatcher,
+            limits,
+            shutdown,
+        }
+    }
+
+    /// The store, for the background loops that share it.
+    pub fn store(&self) -> &Arc<dyn JobStore> {
+        &self.store
+    }
+
+    /// Validates and stores a job, then dispatches it. The job is durable in
+    /// the store when this returns; if the publish fails, the dispatcher's
+    /// outbox loop publishes it later.
+    pub async fn submit(&self, req: SubmitJobRequest) -> Result<Job> {
+        let new = validate::submit(&req, &self.limits)?;
+        let id = Uuid::new_v4();
+        let now = now_ms();
+        let claim = now + self.dispatcher.claim_ttl_ms();
+        match self.store.create(id, &new, now, claim).await? {
+            Created::New(job) => {
+                tracing::info!(job_id = %id, kind = %job.kind, queue = %job.queue, "job submitted");
+                self.dispatcher.dispatch_soon(&job, claim);
+                Ok(*job)
+            }
+            Created::Existing(job) => {
+                tracing::info!(job_id = %job.id, idempotency_key = %new.idempotency_key, "idempotent submit returned the existing job");
+                Ok(*job)
+            }
+        }
+    }
+
+    /// Reads one job.
+    pub async fn get(&self, job_id: &str) -> Result<Job> {
+        let id = validate::job_id(job_id)?;
+        self.store
+            .get(id)
+            .await?
+            .ok_or_else(|| Error::NotFound(id.to_string()))
+    }
+
+    /// Lists jobs, newest first.
+    pub async fn list(&self, req: ListJobsRequest) -> Result<ListJobsResponse> {
+        let query = validate::list(&req)?;
+        let page = self.store.list(&query).await?;
+        Ok(ListJobsResponse {
+            jobs: page.jobs,
+            next_page_token: page.next_page_token.unwrap_or_default(),
+        })
+    }
+
+    /// Cancels a job: at once when it has not started or waits for a retry,
+    /// by request to its worker when it runs; idempotent on CANCELLED.
+    pub async fn cancel(&self, job_id: &str) -> Result<Job> {
+        let id = validate::job_id(job_id)?;
+        for _ in 0..MAX_CAS_RETRIES {
+            let job = self.get(job_id).await?;
+            let current = job_state(&job).ok_or_else(|| Error::Internal("job without state".into()))?;
+            let now = now_ms();
+            let change = match current {
+                State::Cancelled => return Ok(job),
+                State::Completed | State::Failed => {
+                    return Err(Error::FailedPrecondition {
+                        state: current,
+                        message: "only CREATED, RETRYING or RUNNING jobs can be cancelled".into(),
+                    });
+                }
+                State::Running if job.cancel_requested => return Ok(job),
+                State::Running => Change {
+                    expect: Some(State::Running),
+                    to: Some(State::Running),
+                    at_ms: now,
+                    cancel_requested: Some(true),
+                    ..Change::default()
+                },
+                State::Created | State::Retrying => {
+                    state::check(current, State::Cancelled)?;
+                    Change {
+                        expect: Some(current),
+                        to: Some(State::Cancelled),
+                        at_ms: now,
+                        history: Some(transition(current, State::Cancelled, now, job.attempt, "cancelled by user")),
+                        error: Some("cancelled by user".into()),
+                        finished: true,
+                        next_attempt_ms: Some(None),
+                        due: Due::Remove,
+                        ..Change::default()
+                    }
+                }
+            };
+            match self.store.apply(id, &change).await? {
+                Applied::Done(job) => {
+                    tracing::info!(job_id = %id, from = %current, "cancel applied");
+                    return Ok(*job);
+                }
+                Applied::NotFound => return Err(Error::NotFound(id.to_string())),
+                // Someone else moved the job first: decide again on what it is now.
+                Applied::Conflict { .. } => continue,
+            }
+        }
+        Err(Error::Conflict(format!(
+            "job {id} kept changing while it was being cancelled; try again"
+        )))
+    }
+
+    /// The job's current snapshot, then every change, ending after a
+    /// terminal state.
+    pub async fn watch(&self, job_id: &str) -> Result<BoxStream<'static, Result<Job>>> {
+        let id = validate::job_id(job_id)?;
+        // Subscribe before the first read so no change falls in between.
+        let changes = match self.store.changes(id).await {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::warn!(job_id = %id, error = %e, "change notifications unavailable; polling");
+                futures::stream::pending().boxed()
+            }
+        };
+        let first = self.get(job_id).await?;
+        let store = self.store.clone();
+        let stream = async_stream(store, id, first, changes)
+            .take_until(self.shutdown.clone().cancelled_owned())
+            .boxed();
+        Ok(stream)
+    }
+}
+
+fn async_stream(
+    store: Arc<dyn JobStore>,
+    id: Uuid,
+    first: Job,
+    changes: BoxStream<'static, ()>,
+) -> BoxStream<'static, Result<Job>> {
+    struct Watch {
+        store: Arc<dyn JobStore>,
+        id: Uuid,
+        pending: Option<Job>,
+        last: Option<Job>,
+        changes: BoxStream<'static, ()>,
+        resync: Duration,
+        done: bool,
+    }
+    let watch = Watch {
+        store,
+        id,
+        pending: Some(first),
+        last: None,
+        changes,
+        resync: WATCH_RESYNC,
+        done: false,
+    };
+    futures::stream::unfold(watch, |mut w| async move {
+        if w.done {
+            return None;
+        }
+        loop {
+            if let Some(job) = w.pending.take() {
+                let is_new = w.last.as_ref().is_none_or(|last| last != &job);
+                if is_new {
+                    w.done = job_state(&job).is_some_and(State::is_terminal);
+                    w.last = Some(job.clone());
+                    return Some((Ok(job), w));
+                }
+            }
+            // Wait for a notification, or re-read now and then regardless.
+            if let Ok(None) = tokio::time::timeout(w.resync, w.changes.next()).await {
+                // The subscription ended (Redis went away): poll instead.
+                w.changes = futures::stream::pending().boxed();
+                w.resync = WATCH_POLL;
+            }
+            match w.store.get(w.id).await {
+                Ok(Some(job)) => w.pending = Some(job),
+                Ok(None) => {
+                    w.done = true;
+                    return Some((Err(Error::NotFound(w.id.to_string())), w));
+                }
+                Err(e) => {
+                    tracing::debug!(job_id = %w.id, error = %e, "watch re-read failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+    })
+    .boxed()
+}
+
+/// A history entry.
+pub fn transition(from: State, to: State, at_ms: i64, attempt: u32, reason: &str) -> Transition {
+    Transition {
+        from: from.to_proto() as i32,
+        to: to.to_proto() as i32,
+        at: Some(ms_to_timestamp(at_ms)),
+        attempt,
+        reason: reason.to_owned(),
+        worker_id: String::new(),
+    }
+}

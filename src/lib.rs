@@ -1,0 +1,15 @@
+//! Shared library of the orchestrator platform: the protobuf contract, the
+//! job model and its state machine, input validation, the Redis store, the
+//! RabbitMQ topology and message format, and the error type with its
+//! mapping to gRPC status codes.
+
+pub mod proto;
+pub mod error;
+pub mod job;
+pub mod state;
+pub mod validate;
+
+pub use error::{Error, Result};
+pub use state::State;
+pub mod store;
+pub mod queue;

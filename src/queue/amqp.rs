@@ -1,0 +1,150 @@
+//! The RabbitMQ publisher: persistent messages with publisher confirms on one
+//! long-lived channel, reconnecting after the broker restarts.
+//!
+//! Publishes run concurrently on the channel; each waits only for its own
+//! confirm, so throughput is not bounded by one confirm round trip.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use tokio::sync::Mutex;
+
+use super::{message, topology, JobQueue};
+use crate::error::{Error, Result};
+use crate::proto::v1::DispatchMessage;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A confirmed publisher of dispatches.
+pub struct AmqpQueue {
+    url: String,
+    live: Mutex<Option<Live>>,
+}
+
+struct Live {
+    // Kept so the connection lives as long as the channel.
+    _connection: Connection,
+    channel: Channel,
+    declared: HashSet<String>,
+}
+
+fn unavailable(message: impl Into<String>) -> Error {
+    Error::Unavailable {
+        service: "rabbitmq",
+        message: message.into(),
+    }
+}
+
+/// Opens a connection to `url`, failing after a few seconds rather than
+/// hanging when the broker is down.
+pub async fn connect(url: &str, name: &str) -> Result<Connection> {
+    let properties = ConnectionProperties::default().with_connection_name(name.into());
+    match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, properties)).await {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(e)) => Err(unavailable(format!("cannot connect: {e}"))),
+        Err(_) => Err(unavailable("cannot connect: timed out")),
+    }
+}
+
+impl AmqpQueue {
+    /// A publisher for `url`; connects on first use.
+    pub fn new(url: impl Into<String>) -> Self {
+        AmqpQueue {
+            url: url.into(),
+            live: Mutex::new(None),
+        }
+    }
+
+    /// The channel, connecting first when there is none or it broke; and
+    /// whether `queue` still needs declaring on it.
+    async fn channel_for(&self, queue: &str) -> Result<Channel> {
+        let mut live = self.live.lock().await;
+        if live
+            .as_ref()
+            .is_some_and(|l| !l.channel.status().connected())
+        {
+            tracing::warn!("rabbitmq channel lost; reconnecting");
+            *live = None;
+        }
+        if live.is_none() {
+            let connection = connect(&self.url, "orchd-publisher").await?;
+            let channel = connection.create_channel().await?;
+            channel.confirm_select(ConfirmSelectOptions::default()).await?;
+            topology::declare_base(&channel).await?;
+            tracing::info!("connected to rabbitmq");
+            *live = Some(Live {
+                _connection: connection,
+                channel,
+                declared: HashSet::new(),
+            });
+        }
+        let live = live.as_mut().expect("connected above");
+        if !live.declared.contains(queue) {
+            topology::declare_job_queue(&live.channel, queue).await?;
+            live.declared.insert(queue.to_owned());
+        }
+        Ok(live.channel.clone())
+    }
+
+    async fn reset(&self) {
+        *self.live.lock().await = None;
+    }
+}
+
+#[async_trait]
+impl JobQueue for AmqpQueue {
+    async fn publish(&self, msg: &DispatchMessage) -> Result<()> {
+        let channel = self.channel_for(&msg.queue).await?;
+        let properties = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type(message::CONTENT_TYPE.into())
+            .with_message_id(msg.job_id.as_str().into());
+        let options = BasicPublishOptions {
+            mandatory: true,
+            ..BasicPublishOptions::default()
+        };
+        let body = message::encode(msg);
+        let publish = async {
+            channel
+                .basic_publish(
+                    topology::JOBS_EXCHANGE.into(),
+                    msg.queue.as_str().into(),
+                    options,
+                    &body,
+                    properties,
+                )
+                .await?
+                .await
+        };
+        let outcome = match tokio::time::timeout(CONFIRM_TIMEOUT, publish).await {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                self.reset().await;
+                return Err(unavailable("no publisher confirm within 10s"));
+            }
+        };
+        match outcome {
+            Ok(Confirmation::Ack(None)) => Ok(()),
+            Ok(Confirmation::Ack(Some(_))) => {
+                // Unroutable: the queue vanished (deleted by an operator).
+                // Declare it again on the next publish.
+                self.reset().await;
+                Err(unavailable(format!("queue {:?} was not routable", msg.queue)))
+            }
+            Ok(Confirmation::Nack(_)) => Err(unavailable("broker refused the message (nack)")),
+            Ok(Confirmation::NotRequested) => Err(Error::Internal("publisher confirms are off".into())),
+            Err(e) => {
+                self.reset().await;
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn ping(&self) -> Result<()> {
+        self.channel_for(crate::job::DEFAULT_QUEUE).await.map(|_| ())
+    }
+}

@@ -1,0 +1,192 @@
+//! The job store: the authoritative record of every job, behind a small
+//! trait so that the server's logic does not depend on which database holds
+//! the jobs.
+//!
+//! Writes are compare-and-set: a [`Change`] names the state (and, for
+//! worker reports, the lease) it expects, and the store applies it only if
+//! the job is still in that state, atomically with the history entry, the
+//! index moves and the due-set update.
+
+pub mod redis;
+
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+use pbjson_types::Struct;
+use uuid::Uuid;
+
+use crate::error::Result;
+use crate::job::NewJob;
+use crate::proto::v1::{Job, Transition};
+use crate::state::State;
+use crate::validate::ListQuery;
+
+/// What to do with a job's entry in the due-set (the outbox the dispatcher
+/// publishes from).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Due {
+    /// Leave it as it is.
+    #[default]
+    Keep,
+    /// Publish the job at this time (epoch ms).
+    At(i64),
+    /// Take the job out of the due-set.
+    Remove,
+}
+
+/// What to do with a job's lease.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum LeaseChange {
+    /// Leave it as it is.
+    #[default]
+    Keep,
+    /// A lease with this token, held until `expires_ms`.
+    Set {
+        /// The fencing token of the attempt.
+        token: String,
+        /// Epoch ms.
+        expires_ms: i64,
+    },
+    /// Extend the current lease until `expires_ms`.
+    Extend {
+        /// Epoch ms.
+        expires_ms: i64,
+    },
+    /// No lease any more.
+    Clear,
+}
+
+/// A compare-and-set update of one job.
+#[derive(Debug, Clone, Default)]
+pub struct Change {
+    /// The state the job must be in for the change to apply.
+    pub expect: Option<State>,
+    /// The lease token the job must hold (worker reports).
+    pub expect_lease: Option<String>,
+    /// Only apply when the lease expired at or before this time (epoch ms):
+    /// the sweeper's guard against a heartbeat that just renewed it.
+    pub expect_lease_expired_by: Option<i64>,
+    /// The new state; equal to `expect` for updates within a state.
+    pub to: Option<State>,
+    /// When the change happens (epoch ms).
+    pub at_ms: i64,
+    /// Appended to the history when set.
+    pub history: Option<Transition>,
+    /// New attempt number.
+    pub attempt: Option<u32>,
+    /// New value of `cancel_requested`.
+    pub cancel_requested: Option<bool>,
+    /// New error message.
+    pub error: Option<String>,
+    /// Handler output.
+    pub result: Option<Struct>,
+    /// Set `started_at` (only the first attempt does).
+    pub started: bool,
+    /// Set `finished_at`.
+    pub finished: bool,
+    /// New `next_attempt_at`; `Some(None)` clears it.
+    pub next_attempt_ms: Option<Option<i64>>,
+    /// New worker id; `Some(None)` clears it.
+    pub worker_id: Option<Option<String>>,
+    /// Due-set update.
+    pub due: Due,
+    /// Lease update.
+    pub lease: LeaseChange,
+}
+
+/// The result of [`JobStore::apply`].
+#[derive(Debug, Clone)]
+pub enum Applied {
+    /// The change was written; the job as it is now.
+    Done(Box<Job>),
+    /// The job is not in the expected state (or lease); nothing changed.
+    Conflict {
+        /// The state the job is actually in.
+        actual: State,
+        /// True when the state matched but the lease did not.
+        lease_mismatch: bool,
+    },
+    /// No such job.
+    NotFound,
+}
+
+/// The result of [`JobStore::create`].
+#[derive(Debug, Clone)]
+pub enum Created {
+    /// A new job was stored.
+    New(Box<Job>),
+    /// The idempotency key was used before, by this job.
+    Existing(Box<Job>),
+}
+
+/// A job the dispatcher must publish, claimed for a while so that other
+/// dispatchers leave it alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DueJob {
+    /// Job id.
+    pub id: Uuid,
+    /// Handler name.
+    pub kind: String,
+    /// Queue name.
+    pub queue: String,
+    /// Attempt the message will start.
+    pub attempt: u32,
+    /// The claim; pass it back to [`JobStore::ack_due`].
+    pub claim: i64,
+}
+
+/// A running attempt whose lease ran out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpiredLease {
+    /// Job id.
+    pub id: Uuid,
+    /// When the lease expired (epoch ms).
+    pub expired_ms: i64,
+}
+
+/// One page of jobs.
+#[derive(Debug, Clone, Default)]
+pub struct Page {
+    /// Newest first.
+    pub jobs: Vec<Job>,
+    /// Cursor of the next page; `None` on the last.
+    pub next_page_token: Option<String>,
+}
+
+/// The authoritative job store.
+#[async_trait]
+pub trait JobStore: Send + Sync + 'static {
+    /// Stores a new job in CREATED, due for dispatch at `due_ms`, unless its
+    /// idempotency key was seen before.
+    async fn create(&self, id: Uuid, job: &NewJob, now_ms: i64, due_ms: i64) -> Result<Created>;
+
+    /// Reads one job with its history.
+    async fn get(&self, id: Uuid) -> Result<Option<Job>>;
+
+    /// Lists jobs, newest first.
+    async fn list(&self, query: &ListQuery) -> Result<Page>;
+
+    /// Applies a compare-and-set change.
+    async fn apply(&self, id: Uuid, change: &Change) -> Result<Applied>;
+
+    /// Claims up to `limit` jobs due at `now_ms` until `claim_until_ms`.
+    /// Entries of jobs that no longer need a dispatch are dropped.
+    async fn claim_due(&self, now_ms: i64, claim_until_ms: i64, limit: usize) -> Result<Vec<DueJob>>;
+
+    /// Removes a job from the due-set once its message is confirmed, unless
+    /// it was re-scheduled since `claim`.
+    async fn ack_due(&self, id: Uuid, claim: i64) -> Result<()>;
+
+    /// Running attempts whose lease expired by `now_ms`.
+    async fn expired_leases(&self, now_ms: i64, limit: usize) -> Result<Vec<ExpiredLease>>;
+
+    /// Deletes up to `limit` terminal jobs whose retention ended by
+    /// `now_ms`, with their index entries. Returns how many went.
+    async fn purge_expired(&self, now_ms: i64, limit: usize) -> Result<usize>;
+
+    /// A stream that yields whenever the job may have changed. It may yield
+    /// spuriously; readers re-read the job.
+    async fn changes(&self, id: Uuid) -> Result<BoxStream<'static, ()>>;
+
+    /// Checks that the store answers.
+    async fn ping(&self) -> Result<()>;
+}

@@ -1,0 +1,720 @@
+//! The Redis job store.
+//!
+//! Layout, every key under one prefix (default `orch:`):
+//! - `job:{id}`: a hash. `base` holds the immutable part of the job as
+//!   protobuf bytes; the fields that change (`state`, `attempt`, `lease`, ...)
+//!   are separate hash fields so that Lua scripts can compare and set them.
+//! - `hist:{id}`: a list of protobuf-encoded `Transition`s.
+//! - `idx:all`, `idx:state:{STATE}`, `idx:kind:{kind}`, `idx:queue:{queue}`:
+//!   sorted sets with score 0 whose members `{created_ms:013}:{id}` sort by
+//!   creation time, so pages are lexicographic range reads (newest first)
+//!   with the last member as the cursor: no scan of all jobs, ever.
+//! - `idem:{key}`: idempotency key to job id.
+//! - `due`: the outbox; job ids scored by when they must be published.
+//! - `leases`: running job ids scored by lease expiry, for the sweeper.
+//! - `retention`: terminal job ids scored by when they are purged.
+//!
+//! Every write is one Lua script, so it is atomic and one round trip.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use base64::Engine;
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use prost::Message;
+use redis::aio::ConnectionManager;
+use redis::{AsyncCommands, Script, Value};
+use uuid::Uuid;
+
+use super::{Applied, Change, Created, Due, DueJob, ExpiredLease, JobStore, LeaseChange, Page};
+use crate::error::{Error, Result};
+use crate::job::{NewJob, ms_to_timestamp, now_ms};
+use crate::proto::v1::{Job, Transition};
+use crate::state::State;
+use crate::validate::ListQuery;
+
+/// How long terminal jobs are kept unless configured otherwise.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Settings of the Redis store.
+#[derive(Debug, Clone)]
+pub struct RedisStoreConfig {
+    /// `redis://host:port/db` (or `rediss://`).
+    pub url: String,
+    /// Prefix of every key.
+    pub prefix: String,
+    /// How long terminal jobs are kept.
+    pub retention: Duration,
+}
+
+impl RedisStoreConfig {
+    /// Defaults for `url`: prefix `orch:`, 7 days of retention.
+    pub fn new(url: impl Into<String>) -> Self {
+        RedisStoreConfig {
+            url: url.into(),
+            prefix: "orch:".into(),
+            retention: DEFAULT_RETENTION,
+        }
+    }
+}
+
+/// The Redis-backed [`JobStore`]. Cheap to clone; all clones share one
+/// multiplexed, self-reconnecting connection.
+#[derive(Clone)]
+pub struct RedisStore {
+    client: redis::Client,
+    conn: ConnectionManager,
+    prefix: String,
+    retention_ms: i64,
+    scripts: std::sync::Arc<Scripts>,
+}
+
+struct Scripts {
+    create: Script,
+    apply: Script,
+    claim_due: Script,
+    ack_due: Script,
+    purge: Script,
+}
+
+const CREATE_LUA: &str = r#"
+-- KEYS: job, hist, idem, due, idx:all, idx:state:CREATED, idx:kind, idx:queue
+-- ARGV: id, use_idem, index member, history entry, due score, field/value...
+if ARGV[2] == '1' then
+  local existing = redis.call('GET', KEYS[3])
+  if existing then return {0, existing} end
+  redis.call('SET', KEYS[3], ARGV[1])
+end
+if redis.call('EXISTS', KEYS[1]) == 1 then return {-1} end
+redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+redis.call('RPUSH', KEYS[2], ARGV[4])
+for i = 5, 8 do redis.call('ZADD', KEYS[i], 0, ARGV[3]) end
+redis.call('ZADD', KEYS[4], ARGV[5], ARGV[1])
+return {1}
+"#;
+
+const APPLY_LUA: &str = r#"
+-- KEYS: job, hist, due, leases, retention
+-- ARGV[1] expected state ('' any)     ARGV[2] expected lease ('' any)
+-- ARGV[3] lease must have expired by ('' no check)
+-- ARGV[4] new state ('' same)          ARGV[5] state index prefix
+-- ARGV[6] history entry ('' none)      ARGV[7] due: '' keep, '-' remove, else score
+-- ARGV[8] lease: '' keep, '-' clear, else expiry score
+-- ARGV[9] retention score ('' none)    ARGV[10] event channel
+-- ARGV[11] n; then n field/value pairs to set; then fields to delete
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return {-1} end
+if ARGV[1] ~= '' and state ~= ARGV[1] then return {0, state, 0} end
+if ARGV[2] ~= '' and redis.call('HGET', KEYS[1], 'lease') ~= ARGV[2] then return {0, state, 1} end
+if ARGV[3] ~= '' then
+  local exp = tonumber(redis.call('HGET', KEYS[1], 'lease_exp') or '0')
+  if exp > tonumber(ARGV[3]) then return {0, state, 1} end
+end
+local id = redis.call('HGET', KEYS[1], 'id')
+if ARGV[4] ~= '' and ARGV[4] ~= state then
+  local ix = redis.call('HGET', KEYS[1], 'ix')
+  redis.call('ZREM', ARGV[5] .. state, ix)
+  redis.call('ZADD', ARGV[5] .. ARGV[4], 0, ix)
+  redis.call('HSET', KEYS[1], 'state', ARGV[4])
+end
+if ARGV[6] ~= '' then redis.call('RPUSH', KEYS[2], ARGV[6]) end
+if ARGV[7] == '-' then redis.call('ZREM', KEYS[3], id)
+elseif ARGV[7] ~= '' then redis.call('ZADD', KEYS[3], ARGV[7], id) end
+if ARGV[8] == '-' then redis.call('ZREM', KEYS[4], id)
+elseif ARGV[8] ~= '' then redis.call('ZADD', KEYS[4], ARGV[8], id) end
+if ARGV[9] ~= '' then redis.call('ZADD', KEYS[5], ARGV[9], id) end
+local n = tonumber(ARGV[11])
+for i = 0, n - 1 do redis.call('HSET', KEYS[1], ARGV[12 + 2 * i], ARGV[13 + 2 * i]) end
+for i = 12 + 2 * n, #ARGV do redis.call('HDEL', KEYS[1], ARGV[i]) end
+redis.call('PUBLISH', ARGV[10], ARGV[4])
+return {1, redis.call('HGETALL', KEYS[1]), redis.call('LRANGE', KEYS[2], 0, -1)}
+"#;
+
+const CLAIM_DUE_LUA: &str = r#"
+-- KEYS: due. ARGV: now, claim until, limit, job key prefix
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])
+local out = {}
+for _, id in ipairs(ids) do
+  local f = redis.call('HMGET', ARGV[4] .. id, 'state', 'kind', 'queue', 'attempt')
+  if f[1] == 'CREATED' or f[1] == 'RETRYING' then
+    redis.call('ZADD', KEYS[1], ARGV[2], id)
+    out[#out + 1] = {id, f[2], f[3], f[4] or '0'}
+  else
+    redis.call('ZREM', KEYS[1], id)
+  end
+end
+return out
+"#;
+
+const ACK_DUE_LUA: &str = r#"
+-- KEYS: due. ARGV: id, claim
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if score and tonumber(score) == tonumber(ARGV[2]) then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  return 1
+end
+return 0
+"#;
+
+const PURGE_LUA: &str = r#"
+-- KEYS: retention. ARGV: now, limit, prefix
+local p = ARGV[3]
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+for _, id in ipairs(ids) do
+  local f = redis.call('HMGET', p .. 'job:' .. id, 'state', 'kind', 'queue', 'ix', 'idem')
+  if f[4] then
+    redis.call('ZREM', p .. 'idx:all', f[4])
+    redis.call('ZREM', p .. 'idx:state:' .. f[1], f[4])
+    redis.call('ZREM', p .. 'idx:kind:' .. f[2], f[4])
+    redis.call('ZREM', p .. 'idx:queue:' .. f[3], f[4])
+  end
+  if f[5] and f[5] ~= '' and redis.call('GET', p .. 'idem:' .. f[5]) == id then
+    redis.call('DEL', p .. 'idem:' .. f[5])
+  end
+  redis.call('DEL', p .. 'job:' .. id, p .. 'hist:' .. id)
+  redis.call('ZREM', KEYS[1], id)
+  redis.call('ZREM', p .. 'due', id)
+  redis.call('ZREM', p .. 'leases', id)
+end
+return #ids
+"#;
+
+/// Most index entries one list request looks at when filters are combined;
+/// past that it returns a short page with a cursor.
+const MAX_LIST_SCAN: usize = 5000;
+
+impl RedisStore {
+    /// A store for `config`. Connects lazily, so this succeeds while Redis
+    /// is down; operations fail with UNAVAILABLE until it is back.
+    pub fn new(config: &RedisStoreConfig) -> Result<Self> {
+        let client = redis::Client::open(config.url.as_str())
+            .map_err(|e| Error::invalid("redis_url", e.to_string()))?;
+        let manager_config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(Duration::from_secs(5)))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_config)
+            .map_err(Error::from)?;
+        Ok(RedisStore {
+            client,
+            conn,
+            prefix: config.prefix.clone(),
+            retention_ms: config.retention.as_millis() as i64,
+            scripts: std::sync::Arc::new(Scripts {
+                create: Script::new(CREATE_LUA),
+                apply: Script::new(APPLY_LUA),
+                claim_due: Script::new(CLAIM_DUE_LUA),
+                ack_due: Script::new(ACK_DUE_LUA),
+                purge: Script::new(PURGE_LUA),
+            }),
+        })
+    }
+
+    fn key(&self, parts: &[&str]) -> String {
+        let mut key = self.prefix.clone();
+        for p in parts {
+            key.push_str(p);
+        }
+        key
+    }
+
+    fn job_key(&self, id: &str) -> String {
+        self.key(&["job:", id])
+    }
+
+    fn hist_key(&self, id: &str) -> String {
+        self.key(&["hist:", id])
+    }
+
+    fn index_key(&self, query: &ListQuery) -> (String, Filter) {
+        let filter = Filter {
+            state: query.state,
+            kind: query.kind.clone(),
+            queue: query.queue.clone(),
+        };
+        if let Some(state) = query.state {
+            return (self.key(&["idx:state:", state.as_str()]), filter);
+        }
+        if let Some(kind) = &query.kind {
+            return (self.key(&["idx:kind:", kind]), filter);
+        }
+        if let Some(queue) = &query.queue {
+            return (self.key(&["idx:queue:", queue]), filter);
+        }
+        (self.key(&["idx:all"]), filter)
+    }
+
+    async fn read_many(&self, ids: &[String]) -> Result<Vec<Option<Job>>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.hgetall(self.job_key(id)).lrange(self.hist_key(id), 0, -1);
+        }
+        let mut conn = self.conn.clone();
+        let replies: Vec<(Vec<(String, Vec<u8>)>, Vec<Vec<u8>>)> = {
+            let raw: Vec<Value> = pipe.query_async(&mut conn).await?;
+            raw.chunks(2)
+                .map(|pair| {
+                    let fields: Vec<(String, Vec<u8>)> = redis::from_redis_value_ref(&pair[0])?;
+                    let history: Vec<Vec<u8>> = redis::from_redis_value_ref(&pair[1])?;
+                    Ok((fields, history))
+                })
+                .collect::<Result<_, redis::RedisError>>()?
+        };
+        replies
+            .into_iter()
+            .map(|(fields, history)| {
+                if fields.is_empty() {
+                    Ok(None)
+                } else {
+                    decode_job(fields, history).map(Some)
+                }
+            })
+            .collect()
+    }
+}
+
+struct Filter {
+    state: Option<State>,
+    kind: Option<String>,
+    queue: Option<String>,
+}
+
+impl Filter {
+    fn matches(&self, job: &Job) -> bool {
+        self.state.is_none_or(|s| job.state == s.to_proto() as i32)
+            && self.kind.as_deref().is_none_or(|k| job.kind == k)
+            && self.queue.as_deref().is_none_or(|q| job.queue == q)
+    }
+}
+
+fn index_member(created_ms: i64, id: &str) -> String {
+    format!("{created_ms:013}:{id}")
+}
+
+fn encode_token(member: &str) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(member)
+}
+
+fn decode_token(token: &str) -> Result<String> {
+    let bad = || Error::invalid("page_token", "is not a token returned by ListJobs");
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .map_err(|_| bad())?;
+    let member = String::from_utf8(bytes).map_err(|_| bad())?;
+    let (ms, id) = member.split_once(':').ok_or_else(bad)?;
+    if ms.len() != 13 || !ms.bytes().all(|b| b.is_ascii_digit()) || Uuid::try_parse(id).is_err() {
+        return Err(bad());
+    }
+    Ok(member)
+}
+
+fn field<'a>(fields: &'a [(String, Vec<u8>)], name: &str) -> Option<&'a [u8]> {
+    fields
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_slice())
+}
+
+fn field_str<'a>(fields: &'a [(String, Vec<u8>)], name: &str) -> Option<&'a str> {
+    field(fields, name).and_then(|v| std::str::from_utf8(v).ok())
+}
+
+fn field_i64(fields: &[(String, Vec<u8>)], name: &str) -> Option<i64> {
+    field_str(fields, name).and_then(|s| s.parse().ok())
+}
+
+fn corrupt(what: &str) -> Error {
+    Error::Internal(format!("corrupt job record: {what}"))
+}
+
+/// Rebuilds a job from its hash fields and history entries.
+fn decode_job(fields: Vec<(String, Vec<u8>)>, history: Vec<Vec<u8>>) -> Result<Job> {
+    let base = field(&fields, "base").ok_or_else(|| corrupt("no base"))?;
+    let mut job = Job::decode(base).map_err(|e| corrupt(&e.to_string()))?;
+    let state = field_str(&fields, "state")
+        .and_then(State::from_name)
+        .ok_or_else(|| corrupt("bad state"))?;
+    job.state = state.to_proto() as i32;
+    job.attempt = field_i64(&fields, "attempt").unwrap_or(0) as u32;
+    job.cancel_requested = field_str(&fields, "cancel") == Some("1");
+    job.error = field_str(&fields, "error").unwrap_or_default().to_owned();
+    job.worker_id = field_str(&fields, "worker").unwrap_or_default().to_owned();
+    job.result = field(&fields, "result")
+        .map(pbjson_types::Struct::decode)
+        .transpose()
+        .map_err(|e| corrupt(&e.to_string()))?;
+    job.updated_at = field_i64(&fields, "updated").map(ms_to_timestamp);
+    job.started_at = field_i64(&fields, "started").map(ms_to_timestamp);
+    job.finished_at = field_i64(&fields, "finished").map(ms_to_timestamp);
+    job.next_attempt_at = field_i64(&fields, "next_at").map(ms_to_timestamp);
+    job.history = history
+        .iter()
+        .map(|entry| Transition::decode(entry.as_slice()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| corrupt(&e.to_string()))?;
+    Ok(job)
+}
+
+fn decode_apply_reply(reply: Value) -> Result<Applied> {
+    let items: Vec<Value> = redis::from_redis_value(reply)?;
+    let code: i64 = redis::from_redis_value_ref(items.first().ok_or_else(|| corrupt("empty reply"))?)?;
+    match code {
+        1 => {
+            let fields: Vec<(String, Vec<u8>)> = redis::from_redis_value_ref(&items[1])?;
+            let history: Vec<Vec<u8>> = redis::from_redis_value_ref(&items[2])?;
+            Ok(Applied::Done(Box::new(decode_job(fields, history)?)))
+        }
+        0 => {
+            let actual: String = redis::from_redis_value_ref(&items[1])?;
+            let lease: i64 = redis::from_redis_value_ref(&items[2])?;
+            Ok(Applied::Conflict {
+                actual: State::from_name(&actual).ok_or_else(|| corrupt("bad state"))?,
+                lease_mismatch: lease == 1,
+            })
+        }
+        _ => Ok(Applied::NotFound),
+    }
+}
+
+#[async_trait]
+impl JobStore for RedisStore {
+    async fn create(&self, id: Uuid, new: &NewJob, now_ms: i64, due_ms: i64) -> Result<Created> {
+        let id_str = id.to_string();
+        let job = new.to_job(&id_str, now_ms);
+        let base = Job {
+            state: 0,
+            updated_at: None,
+            ..job.clone()
+        };
+        let member = index_member(now_ms, &id_str);
+        let created = Transition {
+            from: 0,
+            to: State::Created.to_proto() as i32,
+            at: Some(ms_to_timestamp(now_ms)),
+            attempt: 0,
+            reason: "submitted".into(),
+            worker_id: String::new(),
+        };
+        let use_idem = !new.idempotency_key.is_empty();
+        let idem_key = self.key(&["idem:", &new.idempotency_key]);
+        let mut invocation = self.scripts.create.key(self.job_key(&id_str));
+        invocation
+            .key(self.hist_key(&id_str))
+            .key(&idem_key)
+            .key(self.key(&["due"]))
+            .key(self.key(&["idx:all"]))
+            .key(self.key(&["idx:state:", State::Created.as_str()]))
+            .key(self.key(&["idx:kind:", &new.kind]))
+            .key(self.key(&["idx:queue:", &new.queue]))
+            .arg(&id_str)
+            .arg(if use_idem { "1" } else { "0" })
+            .arg(&member)
+            .arg(created.encode_to_vec())
+            .arg(due_ms)
+            .arg("id")
+            .arg(&id_str)
+            .arg("base")
+            .arg(base.encode_to_vec())
+            .arg("state")
+            .arg(State::Created.as_str())
+            .arg("attempt")
+            .arg(0)
+            .arg("updated")
+            .arg(now_ms)
+            .arg("ix")
+            .arg(&member)
+            .arg("kind")
+            .arg(&new.kind)
+            .arg("queue")
+            .arg(&new.queue)
+            .arg("idem")
+            .arg(&new.idempotency_key);
+        let mut conn = self.conn.clone();
+        let reply: Vec<Value> = invocation.invoke_async(&mut conn).await?;
+        let code: i64 = redis::from_redis_value_ref(&reply[0])?;
+        match code {
+            1 => Ok(Created::New(Box::new(Job {
+                history: vec![created],
+                ..job
+            }))),
+            0 => {
+                let existing: String = redis::from_redis_value_ref(&reply[1])?;
+                let existing_id = Uuid::try_parse(&existing).map_err(|_| corrupt("idempotency key"))?;
+                match self.get(existing_id).await? {
+                    Some(job) => Ok(Created::Existing(Box::new(job))),
+                    None => Err(Error::Conflict(format!(
+                        "idempotency key {:?} belongs to job {existing}, which was just deleted",
+                        new.idempotency_key
+                    ))),
+                }
+            }
+            _ => Err(Error::Conflict(format!("job id {id} already exists"))),
+        }
+    }
+
+    async fn get(&self, id: Uuid) -> Result<Option<Job>> {
+        Ok(self.read_many(&[id.to_string()]).await?.pop().flatten())
+    }
+
+    async fn list(&self, query: &ListQuery) -> Result<Page> {
+        let (index, filter) = self.index_key(query);
+        let mut cursor = match &query.page_token {
+            Some(token) => format!("({}", decode_token(token)?),
+            None => "+".to_owned(),
+        };
+        let want = query.page_size as usize;
+        let mut jobs = Vec::with_capacity(want);
+        let mut scanned = 0usize;
+        let mut conn = self.conn.clone();
+        loop {
+            let batch = want.max(50).min(MAX_LIST_SCAN - scanned).max(1);
+            let members: Vec<String> = redis::cmd("ZRANGE")
+                .arg(&index)
+                .arg(&cursor)
+                .arg("-")
+                .arg("BYLEX")
+                .arg("REV")
+                .arg("LIMIT")
+                .arg(0)
+                .arg(batch)
+                .query_async(&mut conn)
+                .await?;
+            let exhausted = members.len() < batch;
+            let ids: Vec<String> = members
+                .iter()
+                .filter_map(|m| m.split_once(':').map(|(_, id)| id.to_owned()))
+                .collect();
+            let found = self.read_many(&ids).await?;
+            for (member, job) in members.iter().zip(found) {
+                scanned += 1;
+                cursor = format!("({member}");
+                // A job purged between the index read and the job read is skipped.
+                if let Some(job) = job.filter(|j| filter.matches(j)) {
+                    jobs.push(job);
+                    if jobs.len() == want {
+                        let more = !exhausted || scanned < members.len();
+                        return Ok(Page {
+                            jobs,
+                            next_page_token: more.then(|| encode_token(member)),
+                        });
+                    }
+                }
+            }
+            if exhausted {
+                return Ok(Page {
+                    jobs,
+                    next_page_token: None,
+                });
+            }
+            if scanned >= MAX_LIST_SCAN {
+                let last = cursor.trim_start_matches('(').to_owned();
+                return Ok(Page {
+                    jobs,
+                    next_page_token: Some(encode_token(&last)),
+                });
+            }
+        }
+    }
+
+    async fn apply(&self, id: Uuid, change: &Change) -> Result<Applied> {
+        let id_str = id.to_string();
+        let mut set: Vec<(&str, Vec<u8>)> = vec![("updated", change.at_ms.to_string().into_bytes())];
+        let mut del: Vec<&str> = Vec::new();
+        if let Some(attempt) = change.attempt {
+            set.push(("attempt", attempt.to_string().into_bytes()));
+        }
+        match change.cancel_requested {
+            Some(true) => set.push(("cancel", b"1".to_vec())),
+            Some(false) => del.push("cancel"),
+            None => {}
+        }
+        if let Some(error) = &change.error {
+            set.push(("error", error.clone().into_bytes()));
+        }
+        if let Some(result) = &change.result {
+            set.push(("result", result.encode_to_vec()));
+        }
+        if change.started {
+            set.push(("started", change.at_ms.to_string().into_bytes()));
+        }
+        if change.finished {
+            set.push(("finished", change.at_ms.to_string().into_bytes()));
+        }
+        match change.next_attempt_ms {
+            Some(Some(ms)) => set.push(("next_at", ms.to_string().into_bytes())),
+            Some(None) => del.push("next_at"),
+            None => {}
+        }
+        match &change.worker_id {
+            Some(Some(w)) => set.push(("worker", w.clone().into_bytes())),
+            Some(None) => del.push("worker"),
+            None => {}
+        }
+        let lease_arg = match &change.lease {
+            LeaseChange::Keep => String::new(),
+            LeaseChange::Clear => {
+                del.push("lease");
+                del.push("lease_exp");
+                "-".to_owned()
+            }
+            LeaseChange::Set { token, expires_ms } => {
+                set.push(("lease", token.clone().into_bytes()));
+                set.push(("lease_exp", expires_ms.to_string().into_bytes()));
+                expires_ms.to_string()
+            }
+            LeaseChange::Extend { expires_ms } => {
+                set.push(("lease_exp", expires_ms.to_string().into_bytes()));
+                expires_ms.to_string()
+            }
+        };
+        let due_arg = match change.due {
+            Due::Keep => String::new(),
+            Due::Remove => "-".to_owned(),
+            Due::At(ms) => ms.to_string(),
+        };
+        let retention_arg = match change.to {
+            Some(to) if to.is_terminal() => (change.at_ms + self.retention_ms).to_string(),
+            _ => String::new(),
+        };
+        let mut invocation = self.scripts.apply.key(self.job_key(&id_str));
+        invocation
+            .key(self.hist_key(&id_str))
+            .key(self.key(&["due"]))
+            .key(self.key(&["leases"]))
+            .key(self.key(&["retention"]))
+            .arg(change.expect.map(State::as_str).unwrap_or(""))
+            .arg(change.expect_lease.as_deref().unwrap_or(""))
+            .arg(change.expect_lease_expired_by.map(|ms| ms.to_string()).unwrap_or_default())
+            .arg(change.to.map(State::as_str).unwrap_or(""))
+            .arg(self.key(&["idx:state:"]))
+            .arg(change.history.as_ref().map(Message::encode_to_vec).unwrap_or_default())
+            .arg(due_arg)
+            .arg(lease_arg)
+            .arg(retention_arg)
+            .arg(self.key(&["ev:", &id_str]))
+            .arg(set.len());
+        for (name, value) in &set {
+            invocation.arg(*name).arg(value.as_slice());
+        }
+        for name in &del {
+            invocation.arg(*name);
+        }
+        let mut conn = self.conn.clone();
+        let reply: Value = invocation.invoke_async(&mut conn).await?;
+        decode_apply_reply(reply)
+    }
+
+    async fn claim_due(&self, now_ms: i64, claim_until_ms: i64, limit: usize) -> Result<Vec<DueJob>> {
+        let mut conn = self.conn.clone();
+        let rows: Vec<(String, String, String, String)> = self
+            .scripts
+            .claim_due
+            .key(self.key(&["due"]))
+            .arg(now_ms)
+            .arg(claim_until_ms)
+            .arg(limit)
+            .arg(self.key(&["job:"]))
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(id, kind, queue, attempt)| {
+                Some(DueJob {
+                    id: Uuid::try_parse(&id).ok()?,
+                    kind,
+                    queue,
+                    attempt: attempt.parse().unwrap_or(0),
+                    claim: claim_until_ms,
+                })
+            })
+            .collect())
+    }
+
+    async fn ack_due(&self, id: Uuid, claim: i64) -> Result<()> {
+        let mut conn = self.conn.clone();
+        let _: i64 = self
+            .scripts
+            .ack_due
+            .key(self.key(&["due"]))
+            .arg(id.to_string())
+            .arg(claim)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    async fn expired_leases(&self, now_ms: i64, limit: usize) -> Result<Vec<ExpiredLease>> {
+        let mut conn = self.conn.clone();
+        let rows: Vec<(String, f64)> = conn
+            .zrangebyscore_limit_withscores(self.key(&["leases"]), "-inf", now_ms, 0, limit as isize)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(id, score)| {
+                Some(ExpiredLease {
+                    id: Uuid::try_parse(&id).ok()?,
+                    expired_ms: score as i64,
+                })
+            })
+            .collect())
+    }
+
+    async fn purge_expired(&self, now_ms: i64, limit: usize) -> Result<usize> {
+        let mut conn = self.conn.clone();
+        let purged: usize = self
+            .scripts
+            .purge
+            .key(self.key(&["retention"]))
+            .arg(now_ms)
+            .arg(limit)
+            .arg(&self.prefix)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(purged)
+    }
+
+    async fn changes(&self, id: Uuid) -> Result<BoxStream<'static, ()>> {
+        let mut pubsub = self.client.get_async_pubsub().await?;
+        pubsub.subscribe(self.key(&["ev:", &id.to_string()])).await?;
+        Ok(pubsub.into_on_message().map(|_| ()).boxed())
+    }
+
+    async fn ping(&self) -> Result<()> {
+        let mut conn = self.conn.clone();
+        let _: String = redis::cmd("PING").query_async(&mut conn).await?;
+        Ok(())
+    }
+}
+
+/// Used by tests and tools to start from a clean slate: deletes every key
+/// under the store's prefix.
+impl RedisStore {
+    /// Deletes every key under the prefix (SCAN-based; for tests and tools,
+    /// never called by the server).
+    pub async fn wipe(&self) -> Result<()> {
+        let mut conn = self.conn.clone();
+        let pattern = format!("{}*", self.prefix);
+        let keys: Vec<String> = {
+            let mut iter: redis::AsyncIter<'_, String> = conn.scan_match(&pattern).await?;
+            let mut keys = Vec::new();
+            while let Some(key) = iter.next_item().await {
+                keys.push(key?);
+            }
+            keys
+        };
+        if !keys.is_empty() {
+            let _: () = conn.del(keys).await?;
+        }
+        Ok(())
+    }
+
+    /// Current time as the store sees it; here the local clock.
+    pub fn now_ms(&self) -> i64 {
+        now_ms()
+    }
+}

@@ -1,0 +1,422 @@
+//! Validation of everything a client sends: each check names the field it
+//! rejects, and nothing is written before all checks pass.
+
+use std::time::Duration;
+
+use prost::Message;
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+use crate::job::{
+    duration_from_proto, NewJob, RetrySettings, DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE,
+    MAX_ATTEMPTS_LIMIT,
+};
+use crate::proto::v1::{job, ListJobsRequest, SubmitJobRequest};
+use crate::state::State;
+
+/// Limits on what a client may send; configurable on the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest payload, in bytes of its protobuf encoding.
+    pub max_payload_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_payload_bytes: 1024 * 1024,
+        }
+    }
+}
+
+const MAX_NAME_LEN: usize = 64;
+const MAX_LABELS: usize = 64;
+const MAX_LABEL_KEY_LEN: usize = 63;
+const MAX_LABEL_VALUE_LEN: usize = 256;
+const MAX_IDEMPOTENCY_KEY_LEN: usize = 256;
+const MAX_BACKOFF: Duration = Duration::from_secs(24 * 3600);
+const MAX_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Default number of jobs per page of ListJobs.
+pub const DEFAULT_PAGE_SIZE: u32 = 50;
+/// Largest page of ListJobs.
+pub const MAX_PAGE_SIZE: u32 = 1000;
+
+/// Checks a kind or queue name: a lowercase letter, then lowercase letters,
+/// digits, '.', '_' or '-', at most 64 characters in all.
+pub fn name(field: &str, value: &str) -> Result<()> {
+    let rule = "must start with a lowercase letter and contain only lowercase letters, digits, '.', '_' and '-'";
+    if value.is_empty() {
+        return Err(Error::invalid(field, "must not be empty"));
+    }
+    if value.len() > MAX_NAME_LEN {
+        return Err(Error::invalid(
+            field,
+            format!("must be at most {MAX_NAME_LEN} characters, got {}", value.len()),
+        ));
+    }
+    let mut chars = value.chars();
+    let first_ok = chars.next().is_some_and(|c| c.is_ascii_lowercase());
+    let rest_ok =
+        chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-'));
+    if first_ok && rest_ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(field, format!("{rule}, got {value:?}")))
+    }
+}
+
+/// Parses a job id: a UUID in its hyphenated form.
+pub fn job_id(value: &str) -> Result<Uuid> {
+    if value.is_empty() {
+        return Err(Error::invalid("job_id", "must not be empty"));
+    }
+    match Uuid::try_parse(value) {
+        Ok(id) if value.len() == 36 => Ok(id),
+        _ => Err(Error::invalid(
+            "job_id",
+            format!("must be a UUID such as 7f1c0a52-3b1e-4c1a-9d8e-2f6b1c9a0e4d, got {:?}", truncate(value)),
+        )),
+    }
+}
+
+fn truncate(value: &str) -> String {
+    value.chars().take(80).collect()
+}
+
+fn duration(field: &str, value: Option<pbjson_types::Duration>, max: Duration) -> Result<Option<Duration>> {
+    let Some(raw) = value else {
+        return Ok(None);
+    };
+    let d = duration_from_proto(raw)
+        .ok_or_else(|| Error::invalid(field, "must be a non-negative duration"))?;
+    if d > max {
+        return Err(Error::invalid(
+            field,
+            format!("must be at most {}s, got {}s", max.as_secs(), d.as_secs_f64()),
+        ));
+    }
+    Ok(Some(d))
+}
+
+/// Validates a submit request and fills in the defaults.
+pub fn submit(req: &SubmitJobRequest, limits: &Limits) -> Result<NewJob> {
+    name("kind", &req.kind)?;
+    let queue = if req.queue.is_empty() {
+        DEFAULT_QUEUE.to_owned()
+    } else {
+        name("queue", &req.queue)?;
+        req.queue.clone()
+    };
+
+    let max_attempts = match req.max_attempts {
+        0 => DEFAULT_MAX_ATTEMPTS,
+        n if n <= MAX_ATTEMPTS_LIMIT => n,
+        n => {
+            return Err(Error::invalid(
+                "max_attempts",
+                format!("must be between 1 and {MAX_ATTEMPTS_LIMIT}, got {n}"),
+            ));
+        }
+    };
+
+    let retry = retry(req.retry.as_ref())?;
+
+    let payload = req.payload.clone().unwrap_or_default();
+    let size = payload.encoded_len();
+    if size > limits.max_payload_bytes {
+        return Err(Error::invalid(
+            "payload",
+            format!("is {size} bytes, more than the limit of {} bytes", limits.max_payload_bytes),
+        ));
+    }
+
+    if req.labels.len() > MAX_LABELS {
+        return Err(Error::invalid(
+            "labels",
+            format!("at most {MAX_LABELS} labels, got {}", req.labels.len()),
+        ));
+    }
+    for (key, value) in &req.labels {
+        let key_ok = !key.is_empty()
+            && key.len() <= MAX_LABEL_KEY_LEN
+            && key.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/'));
+        if !key_ok {
+            return Err(Error::invalid(
+                "labels",
+                format!(
+                    "key {:?} must be 1 to {MAX_LABEL_KEY_LEN} characters of letters, digits, '.', '_', '-' and '/'",
+                    truncate(key)
+                ),
+            ));
+        }
+        if value.len() > MAX_LABEL_VALUE_LEN {
+            return Err(Error::invalid(
+                "labels",
+                format!("value of {key:?} must be at most {MAX_LABEL_VALUE_LEN} bytes"),
+            ));
+        }
+    }
+
+    let key = &req.idempotency_key;
+    if key.len() > MAX_IDEMPOTENCY_KEY_LEN {
+        return Err(Error::invalid(
+            "idempotency_key",
+            format!("must be at most {MAX_IDEMPOTENCY_KEY_LEN} bytes"),
+        ));
+    }
+    if key.chars().any(char::is_control) {
+        return Err(Error::invalid("idempotency_key", "must not contain control characters"));
+    }
+
+    let timeout = duration("timeout", req.timeout, MAX_TIMEOUT)?;
+    if timeout == Some(Duration::ZERO) {
+        return Err(Error::invalid("timeout", "must be positive when set"));
+    }
+
+    Ok(NewJob {
+        kind: req.kind.clone(),
+        payload,
+        queue,
+        max_attempts,
+        retry,
+        labels: req.labels.clone(),
+        idempotency_key: key.clone(),
+        timeout,
+    })
+}
+
+fn retry(policy: Option<&crate::proto::v1::RetryPolicy>) -> Result<RetrySettings> {
+    let defaults = RetrySettings::default();
+    let Some(policy) = policy else {
+        return Ok(defaults);
+    };
+    let initial_backoff = duration("retry.initial_backoff", policy.initial_backoff, MAX_BACKOFF)?
+        .unwrap_or(defaults.initial_backoff);
+    let multiplier = match policy.multiplier {
+        m if m == 0.0 => defaults.multiplier,
+        m if m.is_finite() && (1.0..=100.0).contains(&m) => m,
+        m => {
+            return Err(Error::invalid(
+                "retry.multiplier",
+                format!("must be between 1 and 100, got {m}"),
+            ));
+        }
+    };
+    let max_backoff = duration("retry.max_backoff", policy.max_backoff, MAX_BACKOFF)?
+        .unwrap_or_else(|| defaults.max_backoff.max(initial_backoff));
+    if max_backoff < initial_backoff {
+        return Err(Error::invalid(
+            "retry.max_backoff",
+            "must not be shorter than retry.initial_backoff",
+        ));
+    }
+    Ok(RetrySettings {
+        initial_backoff,
+        multiplier,
+        max_backoff,
+    })
+}
+
+/// A validated ListJobs request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListQuery {
+    /// Only this state.
+    pub state: Option<State>,
+    /// Only this kind.
+    pub kind: Option<String>,
+    /// Only this queue.
+    pub queue: Option<String>,
+    /// 1..=1000.
+    pub page_size: u32,
+    /// Opaque cursor from the previous page.
+    pub page_token: Option<String>,
+}
+
+/// Validates a list request and fills in the defaults.
+pub fn list(req: &ListJobsRequest) -> Result<ListQuery> {
+    let state = match job::State::try_from(req.state) {
+        Ok(s) => State::from_proto(s),
+        Err(_) => return Err(Error::invalid("state", format!("unknown state {}", req.state))),
+    };
+    let kind = (!req.kind.is_empty())
+        .then(|| name("kind", &req.kind).map(|()| req.kind.clone()))
+        .transpose()?;
+    let queue = (!req.queue.is_empty())
+        .then(|| name("queue", &req.queue).map(|()| req.queue.clone()))
+        .transpose()?;
+    let page_size = match req.page_size {
+        0 => DEFAULT_PAGE_SIZE,
+        n if n <= MAX_PAGE_SIZE => n,
+        n => {
+            return Err(Error::invalid(
+                "page_size",
+                format!("must be at most {MAX_PAGE_SIZE}, got {n}"),
+            ));
+        }
+    };
+    Ok(ListQuery {
+        state,
+        kind,
+        queue,
+        page_size,
+        page_token: (!req.page_token.is_empty()).then(|| req.page_token.clone()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::v1::RetryPolicy;
+
+    fn spec(kind: &str) -> SubmitJobRequest {
+        SubmitJobRequest {
+            kind: kind.into(),
+            ..SubmitJobRequest::default()
+        }
+    }
+
+    fn field_of(err: Error) -> String {
+        match err {
+            Error::InvalidArgument { field, .. } => field,
+            other => panic!("expected InvalidArgument, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_minimal_spec_gets_the_defaults() {
+        let job = submit(&spec("sleep"), &Limits::default()).unwrap();
+        assert_eq!(job.queue, "default");
+        assert_eq!(job.max_attempts, 3);
+        assert_eq!(job.retry, RetrySettings::default());
+        assert_eq!(job.timeout, None);
+    }
+
+    #[test]
+    fn names_are_checked() {
+        for ok in ["sleep", "a", "my-kind_2.v1", &"x".repeat(64)] {
+            assert!(name("kind", ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "Sleep", "1abc", "-a", "a b", "a/b", "é", &"x".repeat(65)] {
+            let err = name("kind", bad).unwrap_err();
+            assert_eq!(field_of(err), "kind", "{bad}");
+        }
+        let err = submit(&SubmitJobRequest { queue: "Bad Queue".into(), ..spec("sleep") }, &Limits::default());
+        assert_eq!(field_of(err.unwrap_err()), "queue");
+    }
+
+    #[test]
+    fn max_attempts_must_be_within_1_and_100() {
+        for (n, want) in [(0, Some(3)), (1, Some(1)), (100, Some(100)), (101, None), (u32::MAX, None)] {
+            let got = submit(&SubmitJobRequest { max_attempts: n, ..spec("sleep") }, &Limits::default());
+            match want {
+                Some(w) => assert_eq!(got.unwrap().max_attempts, w),
+                None => {
+                    let err = got.unwrap_err();
+                    assert!(err.to_string().contains("between 1 and 100"), "{err}");
+                    assert_eq!(field_of(err), "max_attempts");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn payload_over_the_limit_is_rejected() {
+        let mut payload = pbjson_types::Struct::default();
+        payload.fields.insert(
+            "blob".into(),
+            pbjson_types::Value {
+                kind: Some(pbjson_types::value::Kind::StringValue("x".repeat(2000))),
+            },
+        );
+        let req = SubmitJobRequest { payload: Some(payload), ..spec("echo") };
+        let limits = Limits { max_payload_bytes: 1000 };
+        let err = submit(&req, &limits).unwrap_err();
+        assert!(err.to_string().contains("limit of 1000 bytes"), "{err}");
+        assert_eq!(field_of(err), "payload");
+        assert!(submit(&req, &Limits::default()).is_ok());
+    }
+
+    #[test]
+    fn labels_and_idempotency_keys_are_bounded() {
+        let mut req = spec("sleep");
+        req.labels.insert("team".into(), "infra".into());
+        assert!(submit(&req, &Limits::default()).is_ok());
+        req.labels.insert("bad key".into(), "x".into());
+        assert_eq!(field_of(submit(&req, &Limits::default()).unwrap_err()), "labels");
+
+        let mut req = spec("sleep");
+        req.labels = (0..65).map(|i| (format!("k{i}"), "v".into())).collect();
+        assert_eq!(field_of(submit(&req, &Limits::default()).unwrap_err()), "labels");
+
+        let req = SubmitJobRequest { idempotency_key: "k".repeat(257), ..spec("sleep") };
+        assert_eq!(field_of(submit(&req, &Limits::default()).unwrap_err()), "idempotency_key");
+        let req = SubmitJobRequest { idempotency_key: "a\nb".into(), ..spec("sleep") };
+        assert_eq!(field_of(submit(&req, &Limits::default()).unwrap_err()), "idempotency_key");
+    }
+
+    #[test]
+    fn retry_policy_is_checked_field_by_field() {
+        let d = |s: i64| Some(pbjson_types::Duration { seconds: s, nanos: 0 });
+        let cases = [
+            (RetryPolicy { multiplier: 0.5, ..Default::default() }, Some("retry.multiplier")),
+            (RetryPolicy { multiplier: f64::NAN, ..Default::default() }, Some("retry.multiplier")),
+            (RetryPolicy { initial_backoff: d(-1), ..Default::default() }, Some("retry.initial_backoff")),
+            (RetryPolicy { initial_backoff: d(10), max_backoff: d(5), ..Default::default() }, Some("retry.max_backoff")),
+            (RetryPolicy { max_backoff: d(100_000), ..Default::default() }, Some("retry.max_backoff")),
+            (RetryPolicy { initial_backoff: d(2), multiplier: 3.0, max_backoff: d(60) }, None),
+            (RetryPolicy { initial_backoff: d(600), ..Default::default() }, None),
+        ];
+        for (policy, want) in cases {
+            let got = submit(&SubmitJobRequest { retry: Some(policy), ..spec("sleep") }, &Limits::default());
+            match want {
+                Some(field) => assert_eq!(field_of(got.unwrap_err()), field, "{policy:?}"),
+                None => assert!(got.is_ok(), "{policy:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn timeout_must_be_positive_and_bounded() {
+        let with = |s: i64| SubmitJobRequest {
+            timeout: Some(pbjson_types::Duration { seconds: s, nanos: 0 }),
+            ..spec("sleep")
+        };
+        assert_eq!(submit(&with(30), &Limits::default()).unwrap().timeout, Some(Duration::from_secs(30)));
+        for bad in [0, -5, 8 * 24 * 3600] {
+            assert_eq!(field_of(submit(&with(bad), &Limits::default()).unwrap_err()), "timeout");
+        }
+    }
+
+    #[test]
+    fn job_ids_must_be_hyphenated_uuids() {
+        let id = Uuid::new_v4();
+        assert_eq!(job_id(&id.to_string()).unwrap(), id);
+        for bad in ["", "42", "not-a-uuid", &id.simple().to_string(), &format!("{{{id}}}"), "../../etc"] {
+            assert_eq!(field_of(job_id(bad).unwrap_err()), "job_id", "{bad}");
+        }
+    }
+
+    #[test]
+    fn list_requests_get_defaults_and_bounds() {
+        let q = list(&ListJobsRequest::default()).unwrap();
+        assert_eq!(q.page_size, 50);
+        assert_eq!((q.state, q.kind, q.queue, q.page_token), (None, None, None, None));
+        let q = list(&ListJobsRequest {
+            state: job::State::Running as i32,
+            kind: "sleep".into(),
+            page_size: 1000,
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(q.state, Some(State::Running));
+        assert_eq!(q.kind.as_deref(), Some("sleep"));
+        for (req, field) in [
+            (ListJobsRequest { page_size: 1001, ..Default::default() }, "page_size"),
+            (ListJobsRequest { state: 42, ..Default::default() }, "state"),
+            (ListJobsRequest { kind: "BAD".into(), ..Default::default() }, "kind"),
+            (ListJobsRequest { queue: "a b".into(), ..Default::default() }, "queue"),
+        ] {
+            assert_eq!(field_of(list(&req).unwrap_err()), field);
+        }
+    }
+}
