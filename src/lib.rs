@@ -4,6 +4,7 @@
 //! mapping to gRPC status codes.
 
 pub mod proto;
+pub mod attempt;
 pub mod error;
 pub mod job;
 pub mod state;

@@ -59,6 +59,10 @@ pub struct ServeConfig {
     /// Largest accepted job payload, in bytes.
     #[arg(long, env = "ORCH_MAX_PAYLOAD_BYTES", default_value_t = 1024 * 1024)]
     pub max_payload_bytes: usize,
+    /// Lease of a running attempt when its worker asks for none; a worker
+    /// that stops renewing it for this long is considered lost.
+    #[arg(long, env = "ORCH_LEASE", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub lease: Duration,
 }
 
 impl ServeConfig {
@@ -73,6 +77,7 @@ impl ServeConfig {
             redis_prefix: "orch:".into(),
             retention: Duration::from_secs(7 * 24 * 3600),
             max_payload_bytes: 1024 * 1024,
+            lease: Duration::from_secs(30),
         }
     }
 }

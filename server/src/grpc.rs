@@ -1,16 +1,17 @@
-//! The gRPC face of [`JobService`]: decode, call, map the error. Nothing
+//! The gRPC faces of [`JobService`] and [`AttemptService`]: decode, call, map the error. Nothing
 //! else happens here.
 
 use std::pin::Pin;
 
 use futures::{Stream, StreamExt};
-use orchestrator::proto::v1::job_service_server;
 use orchestrator::proto::v1::{
-    CancelJobRequest, GetJobRequest, Job, ListJobsRequest, ListJobsResponse, SubmitJobRequest,
-    WatchJobRequest,
+    CancelJobRequest, FinishAttemptRequest, GetJobRequest, HeartbeatRequest, HeartbeatResponse, Job,
+    ListJobsRequest, ListJobsResponse, StartAttemptRequest, StartAttemptResponse, SubmitJobRequest,
+    WatchJobRequest, job_service_server, worker_service_server,
 };
 use tonic::{Request, Response, Status};
 
+use crate::attempts::AttemptService;
 use crate::service::JobService;
 
 /// The tonic implementation of `orchestrator.v1.JobService`.
@@ -55,5 +56,36 @@ impl job_service_server::JobService for GrpcJobs {
     ) -> Result<Response<Self::WatchJobStream>, Status> {
         let stream = self.service.watch(&request.into_inner().job_id).await?;
         Ok(Response::new(stream.map(|item| item.map_err(Status::from)).boxed()))
+    }
+}
+
+/// The tonic implementation of `orchestrator.v1.WorkerService`.
+#[derive(Clone)]
+pub struct GrpcWorkers {
+    attempts: AttemptService,
+}
+
+impl GrpcWorkers {
+    /// Wraps the worker operations.
+    pub fn new(attempts: AttemptService) -> Self {
+        GrpcWorkers { attempts }
+    }
+}
+
+#[tonic::async_trait]
+impl worker_service_server::WorkerService for GrpcWorkers {
+    async fn start_attempt(
+        &self,
+        request: Request<StartAttemptRequest>,
+    ) -> Result<Response<StartAttemptResponse>, Status> {
+        Ok(Response::new(self.attempts.start(request.into_inner()).await?))
+    }
+
+    async fn heartbeat(&self, request: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
+        Ok(Response::new(self.attempts.heartbeat(request.into_inner()).await?))
+    }
+
+    async fn finish_attempt(&self, request: Request<FinishAttemptRequest>) -> Result<Response<Job>, Status> {
+        Ok(Response::new(self.attempts.finish(request.into_inner()).await?))
     }
 }

@@ -38,6 +38,15 @@ impl Health {
     }
 }
 
+/// Reports every service NOT_SERVING.
+pub async fn mark_not_serving(reporter: &HealthReporter) {
+    for service in SERVICES {
+        reporter
+            .set_service_status(service, tonic_health::ServingStatus::NotServing)
+            .await;
+    }
+}
+
 /// Checks the dependencies every `interval` and publishes the verdict to
 /// the gRPC health service and to `health`.
 pub async fn run(

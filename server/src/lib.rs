@@ -2,6 +2,7 @@
 //! dispatcher, the gRPC services, the REST shim, health and reflection,
 //! and runs them until shutdown.
 
+pub mod attempts;
 pub mod config;
 pub mod dispatch;
 pub mod grpc;
@@ -16,6 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use orchestrator::proto::v1::job_service_server::JobServiceServer;
+use orchestrator::proto::v1::worker_service_server::WorkerServiceServer;
 use orchestrator::queue::JobQueue;
 use orchestrator::queue::amqp::AmqpQueue;
 use orchestrator::store::JobStore;
@@ -27,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use config::ServeConfig;
 
+use crate::attempts::{AttemptService, LeaseConfig};
 use crate::dispatch::{DispatchConfig, Dispatcher};
 use crate::health::Health;
 use crate::service::JobService;
@@ -87,6 +90,13 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
     };
     let dispatcher = Dispatcher::new(store.clone(), queue.clone(), DispatchConfig::default());
     let service = JobService::new(store.clone(), dispatcher.clone(), limits, shutdown.clone());
+    let attempts = AttemptService::new(
+        store.clone(),
+        LeaseConfig {
+            default: config.lease,
+            ..LeaseConfig::default()
+        },
+    );
 
     let grpc_listener = bind(config.grpc_addr).await?;
     let http_listener = bind(config.http_addr).await?;
@@ -95,6 +105,9 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
     let health = Health::default();
+    // tonic-health reports the whole server ("") as SERVING until told
+    // otherwise; nothing is ready before the first dependency check.
+    health::mark_not_serving(&reporter).await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(orchestrator::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -111,6 +124,7 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(JobServiceServer::new(grpc::GrpcJobs::new(service.clone())))
+        .add_service(WorkerServiceServer::new(grpc::GrpcWorkers::new(attempts.clone())))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
             shutdown.clone().cancelled_owned(),
@@ -135,6 +149,7 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
         shutdown.clone(),
     ));
     tasks.spawn(dispatcher.run(shutdown.clone()));
+    tasks.spawn(attempts::run_sweeper(attempts, Duration::from_secs(1), shutdown.clone()));
     tasks.spawn(janitor::run(store.clone(), Duration::from_secs(60), shutdown.clone()));
     let grpc_shutdown = shutdown.clone();
     tasks.spawn(async move {

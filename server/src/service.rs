@@ -6,9 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::stream::{BoxStream, StreamExt};
+use orchestrator::attempt::transition;
 use orchestrator::error::{Error, Result};
-use orchestrator::job::{job_state, ms_to_timestamp, now_ms};
-use orchestrator::proto::v1::{Job, ListJobsRequest, ListJobsResponse, SubmitJobRequest, Transition};
+use orchestrator::job::{job_state, now_ms};
+use orchestrator::proto::v1::{Job, ListJobsRequest, ListJobsResponse, SubmitJobRequest};
 use orchestrator::state::{self, State};
 use orchestrator::store::{Applied, Change, Created, Due, JobStore};
 use orchestrator::validate::{self, Limits};
@@ -126,7 +127,7 @@ impl JobService {
                         expect: Some(current),
                         to: Some(State::Cancelled),
                         at_ms: now,
-                        history: Some(transition(current, State::Cancelled, now, job.attempt, "cancelled by user")),
+                        history: Some(transition(current, State::Cancelled, now, job.attempt, "cancelled by user", "")),
                         error: Some("cancelled by user".into()),
                         finished: true,
                         next_attempt_ms: Some(None),
@@ -228,16 +229,4 @@ fn async_stream(
         }
     })
     .boxed()
-}
-
-/// A history entry.
-pub fn transition(from: State, to: State, at_ms: i64, attempt: u32, reason: &str) -> Transition {
-    Transition {
-        from: from.to_proto() as i32,
-        to: to.to_proto() as i32,
-        at: Some(ms_to_timestamp(at_ms)),
-        attempt,
-        reason: reason.to_owned(),
-        worker_id: String::new(),
-    }
 }

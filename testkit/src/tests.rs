@@ -151,3 +151,15 @@ fn rabbitmq_starts_survives_kill_and_restarts() {
     assert!(!port_open(epmd_port), "epmd gone after drop");
     assert!(!dir.exists(), "data dir removed on drop");
 }
+
+#[test]
+fn shared_amqp_is_one_broker_per_process() {
+    let url = shared_amqp_url();
+    assert_eq!(url, shared_amqp_url());
+    let port: u16 = url
+        .trim_start_matches("amqp://guest:guest@127.0.0.1:")
+        .trim_end_matches("/%2f")
+        .parse()
+        .expect("port in shared URL");
+    amqp_handshake(port).expect("AMQP handshake with the shared broker");
+}

@@ -1,0 +1,251 @@
+//! The worker side of the job operations: starting attempts under a lease,
+//! renewing leases, recording outcomes, and the sweeper that recovers jobs
+//! whose worker died. The rules live in `orchestrator::attempt`; this module
+//! reads the job, applies the change and retries lost races.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use orchestrator::attempt::{self, Refusal};
+use orchestrator::error::{Error, Result};
+use orchestrator::job::{duration_from_proto, job_state, ms_to_timestamp, now_ms};
+use orchestrator::proto::v1::{
+    FinishAttemptRequest, HeartbeatRequest, HeartbeatResponse, Job, LeaseStatus, StartAttemptRequest,
+    StartAttemptResponse, finish_attempt_request::Outcome, start_attempt_response::Decision,
+};
+use orchestrator::state::State;
+use orchestrator::store::{Applied, Change, JobStore};
+use orchestrator::validate;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+const MAX_CAS_RETRIES: usize = 8;
+const MAX_WORKER_ID_LEN: usize = 128;
+
+/// Lease bounds, configurable on the server.
+#[derive(Debug, Clone, Copy)]
+pub struct LeaseConfig {
+    /// Lease given when the worker asks for none.
+    pub default: Duration,
+    /// Shortest lease a worker may ask for.
+    pub min: Duration,
+    /// Longest lease a worker may ask for.
+    pub max: Duration,
+}
+
+impl Default for LeaseConfig {
+    fn default() -> Self {
+        LeaseConfig {
+            default: Duration::from_secs(30),
+            min: Duration::from_millis(500),
+            max: Duration::from_secs(600),
+        }
+    }
+}
+
+/// The worker protocol's operations.
+#[derive(Clone)]
+pub struct AttemptService {
+    store: Arc<dyn JobStore>,
+    lease: LeaseConfig,
+}
+
+fn lease_of(requested: Option<pbjson_types::Duration>, config: &LeaseConfig) -> Result<Duration> {
+    let Some(raw) = requested else {
+        return Ok(config.default);
+    };
+    let lease = duration_from_proto(raw).ok_or_else(|| Error::invalid("lease", "must be a non-negative duration"))?;
+    if lease.is_zero() {
+        return Ok(config.default);
+    }
+    if lease < config.min || lease > config.max {
+        return Err(Error::invalid(
+            "lease",
+            format!(
+                "must be between {:?} and {:?}, got {:?}",
+                config.min, config.max, lease
+            ),
+        ));
+    }
+    Ok(lease)
+}
+
+fn worker_id(value: &str) -> Result<()> {
+    if value.is_empty() {
+        return Err(Error::invalid("worker_id", "must not be empty"));
+    }
+    if value.len() > MAX_WORKER_ID_LEN || value.chars().any(char::is_control) {
+        return Err(Error::invalid(
+            "worker_id",
+            format!("must be at most {MAX_WORKER_ID_LEN} printable characters"),
+        ));
+    }
+    Ok(())
+}
+
+impl AttemptService {
+    /// The worker operations over `store`.
+    pub fn new(store: Arc<dyn JobStore>, lease: LeaseConfig) -> Self {
+        AttemptService { store, lease }
+    }
+
+    async fn read(&self, id: Uuid) -> Result<Job> {
+        self.store
+            .get(id)
+            .await?
+            .ok_or_else(|| Error::NotFound(id.to_string()))
+    }
+
+    /// StartAttempt: RUN with a fresh lease, or DROP.
+    pub async fn start(&self, req: StartAttemptRequest) -> Result<StartAttemptResponse> {
+        let id = validate::job_id(&req.job_id)?;
+        worker_id(&req.worker_id)?;
+        let lease = lease_of(req.lease, &self.lease)?;
+        for _ in 0..MAX_CAS_RETRIES {
+            let job = self.read(id).await?;
+            let token = Uuid::new_v4().to_string();
+            let now = now_ms();
+            let change = match attempt::start(&job, &req.worker_id, req.attempt, token.clone(), lease, now)? {
+                Ok(change) => change,
+                Err(Refusal::Drop(reason)) => {
+                    tracing::info!(job_id = %id, worker_id = %req.worker_id, %reason, "start refused: drop the message");
+                    return Ok(StartAttemptResponse {
+                        decision: Decision::Drop as i32,
+                        reason,
+                        ..StartAttemptResponse::default()
+                    });
+                }
+            };
+            match self.store.apply(id, &change).await? {
+                Applied::Done(job) => {
+                    tracing::info!(job_id = %id, worker_id = %req.worker_id, attempt = job.attempt, "attempt started");
+                    return Ok(StartAttemptResponse {
+                        decision: Decision::Run as i32,
+                        job: Some(*job),
+                        lease_token: token,
+                        lease_expires_at: Some(ms_to_timestamp(now + lease.as_millis() as i64)),
+                        reason: String::new(),
+                    });
+                }
+                Applied::NotFound => return Err(Error::NotFound(id.to_string())),
+                Applied::Conflict { .. } => continue,
+            }
+        }
+        Err(Error::Conflict(format!("job {id} kept changing; try again")))
+    }
+
+    /// Heartbeat: renew every lease still held, report cancellations.
+    pub async fn heartbeat(&self, req: HeartbeatRequest) -> Result<HeartbeatResponse> {
+        worker_id(&req.worker_id)?;
+        let lease = lease_of(req.lease, &self.lease)?;
+        let now = now_ms();
+        let worker = req.worker_id.as_str();
+        let renewals = req.leases.iter().map(|l| async move {
+            let Ok(id) = validate::job_id(&l.job_id) else {
+                return Ok(LeaseStatus {
+                    job_id: l.job_id.clone(),
+                    ..LeaseStatus::default()
+                });
+            };
+            let change = attempt::renew(&l.lease_token, lease, now);
+            let status = match self.store.apply(id, &change).await? {
+                Applied::Done(job) => LeaseStatus {
+                    job_id: l.job_id.clone(),
+                    held: true,
+                    cancel_requested: job.cancel_requested,
+                    lease_expires_at: Some(ms_to_timestamp(now + lease.as_millis() as i64)),
+                },
+                Applied::Conflict { .. } | Applied::NotFound => {
+                    tracing::info!(job_id = %id, worker_id = %worker, "heartbeat for a lease no longer held");
+                    LeaseStatus {
+                        job_id: l.job_id.clone(),
+                        ..LeaseStatus::default()
+                    }
+                }
+            };
+            Ok::<_, Error>(status)
+        });
+        let leases = futures::future::try_join_all(renewals).await?;
+        Ok(HeartbeatResponse { leases })
+    }
+
+    /// FinishAttempt: record the outcome of the attempt holding the lease.
+    pub async fn finish(&self, req: FinishAttemptRequest) -> Result<Job> {
+        let id = validate::job_id(&req.job_id)?;
+        if req.lease_token.is_empty() {
+            return Err(Error::invalid("lease_token", "must not be empty"));
+        }
+        let Some(outcome) = req.outcome else {
+            return Err(Error::invalid("outcome", "one of completed, failed or cancelled is required"));
+        };
+        for _ in 0..MAX_CAS_RETRIES {
+            let job = self.read(id).await?;
+            let current = job_state(&job).ok_or_else(|| Error::Internal("job without state".into()))?;
+            if current != State::Running {
+                return Err(Error::StaleLease(format!("job {id} is {current}, not running this attempt")));
+            }
+            let now = now_ms();
+            let change: Change = match &outcome {
+                Outcome::Completed(result) => attempt::complete(&job, &req.lease_token, result.clone(), now)?,
+                Outcome::Failed(f) => {
+                    attempt::fail(&job, Some(&req.lease_token), &f.message, f.permanent, now, &mut rand::rng())?
+                }
+                Outcome::Cancelled(c) => attempt::cancelled(&job, &req.lease_token, &c.reason, now)?,
+            };
+            match self.store.apply(id, &change).await? {
+                Applied::Done(job) => {
+                    tracing::info!(job_id = %id, attempt = job.attempt, state = ?change.to, "attempt finished");
+                    return Ok(*job);
+                }
+                Applied::NotFound => return Err(Error::NotFound(id.to_string())),
+                Applied::Conflict { actual, lease_mismatch: true } => {
+                    return Err(Error::StaleLease(format!(
+                        "job {id} ({actual}) is held by another attempt; this lease is no longer valid"
+                    )));
+                }
+                // The job changed within RUNNING (e.g. a cancel request): decide again.
+                Applied::Conflict { .. } => continue,
+            }
+        }
+        Err(Error::Conflict(format!("job {id} kept changing; try again")))
+    }
+
+    /// One sweep: fails every attempt whose lease expired ("worker lost"),
+    /// then retries or fails the job like any failed attempt. Returns how
+    /// many attempts it recovered.
+    pub async fn sweep(&self, limit: usize) -> Result<usize> {
+        let now = now_ms();
+        let mut recovered = 0;
+        for expired in self.store.expired_leases(now, limit).await? {
+            let Some(job) = self.store.get(expired.id).await? else {
+                continue;
+            };
+            if job_state(&job) != Some(State::Running) {
+                continue;
+            }
+            let change = attempt::worker_lost(&job, now, &mut rand::rng())?;
+            // Another replica's sweep or a last-moment heartbeat may win; both are fine.
+            if let Applied::Done(after) = self.store.apply(expired.id, &change).await? {
+                tracing::warn!(job_id = %expired.id, worker_id = %job.worker_id, attempt = job.attempt, state = ?change.to, "lease expired: worker lost");
+                let _ = after;
+                recovered += 1;
+            }
+        }
+        Ok(recovered)
+    }
+}
+
+/// Runs the sweeper every `interval` until `shutdown`.
+pub async fn run_sweeper(service: AttemptService, interval: Duration, shutdown: CancellationToken) {
+    loop {
+        match service.sweep(200).await {
+            Ok(n) if n > 0 => tracing::info!(recovered = n, "sweeper recovered attempts of lost workers"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "sweep failed"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+    }
+}

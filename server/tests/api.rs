@@ -1,0 +1,585 @@
+//! The JobService contract end to end, over REST and gRPC, against a real
+//! orchd with real Redis and RabbitMQ.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{TestServer, eventually, fresh_queue, next_dispatch, spec};
+use orchestrator::proto::v1::start_attempt_response::Decision;
+use orchestrator::proto::v1::{
+    CancelJobRequest, FinishAttemptRequest, GetJobRequest, Job, ListJobsRequest, StartAttemptRequest,
+    SubmitJobRequest, WatchJobRequest, finish_attempt_request::Outcome, job,
+};
+use serde_json::{Value, json};
+use tokio_stream::StreamExt;
+use tonic::Code;
+
+async fn post(server: &TestServer, path: &str, body: &str) -> (u16, Value) {
+    let resp = server
+        .http_client
+        .post(server.url(path))
+        .header("content-type", "application/json")
+        .body(body.to_owned())
+        .send()
+        .await
+        .expect("request");
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+async fn get(server: &TestServer, path: &str) -> (u16, Value) {
+    let resp = server.http_client.get(server.url(path)).send().await.expect("request");
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+async fn delete(server: &TestServer, path: &str) -> (u16, Value) {
+    let resp = server.http_client.delete(server.url(path)).send().await.expect("request");
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// How many jobs the list shows on `queue`: bad input must leave it at 0.
+async fn jobs_on(server: &TestServer, queue: &str) -> usize {
+    let (status, body) = get(server, &format!("/jobs?queue={queue}&pageSize=1000")).await;
+    assert_eq!(status, 200, "{body}");
+    body["jobs"].as_array().map_or(0, Vec::len)
+}
+
+/// Drives a job to COMPLETED through the worker protocol.
+async fn complete(server: &TestServer, id: &str) -> Job {
+    let mut workers = server.workers().await;
+    let started = workers
+        .start_attempt(StartAttemptRequest {
+            job_id: id.into(),
+            worker_id: "test-worker".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(started.decision, Decision::Run as i32);
+    workers
+        .finish_attempt(FinishAttemptRequest {
+            job_id: id.into(),
+            lease_token: started.lease_token,
+            outcome: Some(Outcome::Completed(Default::default())),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+#[tokio::test]
+async fn rest_submit_get_list_and_cancel() {
+    let server = TestServer::start().await;
+    let queue = fresh_queue();
+    let body = json!({
+        "kind": "sleep",
+        "payload": {"seconds": 1.5, "tags": ["a", "b"]},
+        "queue": queue,
+        "labels": {"team": "infra"},
+        "retry": {"initialBackoff": "2s", "multiplier": 3.0},
+        "timeout": "30s"
+    });
+    let (status, job) = post(&server, "/jobs", &body.to_string()).await;
+    assert_eq!(status, 200, "{job}");
+    let id = job["id"].as_str().unwrap().to_owned();
+    assert_eq!(uuid::Uuid::parse_str(&id).unwrap().get_version_num(), 4);
+    assert_eq!(job["state"], "CREATED");
+    assert_eq!(job["kind"], "sleep");
+    assert_eq!(job["queue"], queue.as_str());
+    assert_eq!(job["maxAttempts"], 3);
+    assert_eq!(job["payload"]["seconds"], 1.5);
+    assert_eq!(job["labels"]["team"], "infra");
+    assert_eq!(job["retry"]["initialBackoff"], "2s");
+    assert_eq!(job["timeout"], "30s");
+    assert!(job["createdAt"].as_str().unwrap().starts_with("20"), "RFC 3339: {job}");
+    assert_eq!(job["history"][0]["to"], "CREATED");
+
+    let (status, fetched) = get(&server, &format!("/jobs/{id}")).await;
+    assert_eq!(status, 200);
+    assert_eq!(fetched, job, "GET returns what POST returned");
+
+    let (status, page) = get(&server, &format!("/jobs?queue={queue}&state=CREATED")).await;
+    assert_eq!(status, 200);
+    assert_eq!(page["jobs"].as_array().unwrap().len(), 1);
+    assert_eq!(page["jobs"][0]["id"], id.as_str());
+
+    let (status, cancelled) = delete(&server, &format!("/jobs/{id}")).await;
+    assert_eq!(status, 200, "{cancelled}");
+    assert_eq!(cancelled["state"], "CANCELLED");
+    assert!(cancelled["finishedAt"].is_string());
+    let history = cancelled["history"].as_array().unwrap();
+    assert_eq!(history.last().unwrap()["from"], "CREATED");
+    assert_eq!(history.last().unwrap()["to"], "CANCELLED");
+
+    // Idempotent: a second cancel returns the job unchanged.
+    let (status, again) = delete(&server, &format!("/jobs/{id}")).await;
+    assert_eq!(status, 200);
+    assert_eq!(again, cancelled);
+
+    let (status, page) = get(&server, &format!("/jobs?queue={queue}&state=CREATED")).await;
+    assert_eq!((status, page["jobs"].as_array().map_or(0, Vec::len)), (200, 0));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn submit_stores_then_publishes_a_persistent_dispatch() {
+    let server = TestServer::start().await;
+    let queue = fresh_queue();
+    let job = server.jobs().await.submit_job(spec("echo", &queue)).await.unwrap().into_inner();
+    let (msg, delivery_mode) = next_dispatch(&server.config.amqp_url, &queue, Duration::from_secs(20))
+        .await
+        .expect("the job is published");
+    assert_eq!(msg.job_id, job.id);
+    assert_eq!(msg.kind, "echo");
+    assert_eq!(msg.queue, queue);
+    assert_eq!(msg.attempt, 1);
+    assert_eq!(delivery_mode, 2, "persistent");
+    // Published exactly once: the due entry was cleared on the confirm.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert!(next_dispatch(&server.config.amqp_url, &queue, Duration::from_millis(200)).await.is_none());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn grpc_list_pages_newest_first_and_filters() {
+    let server = TestServer::start().await;
+    let mut client = server.jobs().await;
+    let queue = fresh_queue();
+    let mut ids = Vec::new();
+    for i in 0..7 {
+        let kind = if i % 2 == 0 { "even" } else { "odd" };
+        let job = client.submit_job(spec(kind, &queue)).await.unwrap().into_inner();
+        ids.push(job.id);
+        // Distinct creation times make the order observable.
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let page = client
+            .list_jobs(ListJobsRequest {
+                queue: queue.clone(),
+                page_size: 3,
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        pages += 1;
+        assert!(page.jobs.len() <= 3);
+        seen.extend(page.jobs.into_iter().map(|j| j.id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    ids.reverse();
+    assert_eq!(seen, ids, "every job once, newest first");
+    assert_eq!(pages, 3);
+
+    let odd = client
+        .list_jobs(ListJobsRequest {
+            queue: queue.clone(),
+            kind: "odd".into(),
+            state: job::State::Created as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(odd.jobs.len(), 3);
+    assert!(odd.jobs.iter().all(|j| j.kind == "odd" && j.queue == queue));
+
+    let bad = client
+        .list_jobs(ListJobsRequest {
+            page_token: "garbage".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    assert!(bad.message().contains("page_token"));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn idempotent_submit_returns_the_same_job() {
+    let server = TestServer::start().await;
+    let mut client = server.jobs().await;
+    let queue = fresh_queue();
+    let req = SubmitJobRequest {
+        idempotency_key: "order-42".into(),
+        ..spec("echo", &queue)
+    };
+    let first = client.submit_job(req.clone()).await.unwrap().into_inner();
+    let second = client.submit_job(req.clone()).await.unwrap().into_inner();
+    assert_eq!(first.id, second.id);
+    let (status, third) = post(
+        &server,
+        "/jobs",
+        &json!({"kind": "echo", "queue": queue, "idempotencyKey": "order-42"}).to_string(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(third["id"], first.id.as_str());
+    assert_eq!(jobs_on(&server, &queue).await, 1);
+    // Concurrent submits with one key still make one job.
+    let key = SubmitJobRequest {
+        idempotency_key: "burst".into(),
+        ..spec("echo", &queue)
+    };
+    let results = futures::future::join_all((0..16).map(|_| {
+        let mut c = client.clone();
+        let k = key.clone();
+        async move { c.submit_job(k).await.unwrap().into_inner().id }
+    }))
+    .await;
+    assert!(results.iter().all(|id| id == &results[0]));
+    assert_eq!(jobs_on(&server, &queue).await, 2);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn racing_starts_and_cancels_have_exactly_one_winner() {
+    let server = TestServer::start().await;
+    let mut client = server.jobs().await;
+    let workers = server.workers().await;
+    for round in 0..5 {
+        let job = client.submit_job(spec("sleep", &fresh_queue())).await.unwrap().into_inner();
+        let starts = (0..16).map(|i| {
+            let mut w = workers.clone();
+            let id = job.id.clone();
+            async move {
+                let resp = w
+                    .start_attempt(StartAttemptRequest {
+                        job_id: id,
+                        worker_id: format!("racer-{i}"),
+                        ..Default::default()
+                    })
+                    .await;
+                matches!(resp, Ok(r) if r.get_ref().decision == Decision::Run as i32)
+            }
+        });
+        let cancels = (0..16).map(|_| {
+            let mut c = client.clone();
+            let id = job.id.clone();
+            async move { c.cancel_job(CancelJobRequest { job_id: id }).await.is_ok() }
+        });
+        let (started, cancelled) = tokio::join!(futures::future::join_all(starts), futures::future::join_all(cancels));
+        assert!(cancelled.iter().all(|ok| *ok), "cancel never fails on CREATED/RUNNING");
+        let runs = started.iter().filter(|ok| **ok).count();
+        let after = client
+            .get_job(GetJobRequest { job_id: job.id.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        let out_of_created: Vec<_> = after
+            .history
+            .iter()
+            .filter(|t| t.from == job::State::Created as i32)
+            .collect();
+        assert_eq!(out_of_created.len(), 1, "round {round}: one transition leaves CREATED: {after:?}");
+        if after.state == job::State::Running as i32 {
+            assert_eq!(runs, 1);
+            assert!(after.cancel_requested, "the cancels that came later asked the worker to stop");
+        } else {
+            assert_eq!(after.state, job::State::Cancelled as i32);
+            assert!(runs <= 1);
+            if runs == 0 {
+                assert_eq!(out_of_created[0].to, job::State::Cancelled as i32);
+            }
+        }
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn cancel_semantics_by_state() {
+    let server = TestServer::start().await;
+    let mut client = server.jobs().await;
+    let queue = fresh_queue();
+
+    // RUNNING: the state stays, cancel_requested is set.
+    let running = client.submit_job(spec("sleep", &queue)).await.unwrap().into_inner();
+    let mut workers = server.workers().await;
+    let started = workers
+        .start_attempt(StartAttemptRequest {
+            job_id: running.id.clone(),
+            worker_id: "w".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(started.decision, Decision::Run as i32);
+    let after = client
+        .cancel_job(CancelJobRequest { job_id: running.id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(after.state, job::State::Running as i32);
+    assert!(after.cancel_requested);
+
+    // COMPLETED: FAILED_PRECONDITION over gRPC, 400 over REST, nothing changes.
+    let done = client.submit_job(spec("echo", &queue)).await.unwrap().into_inner();
+    let completed = complete(&server, &done.id).await;
+    assert_eq!(completed.state, job::State::Completed as i32);
+    let err = client
+        .cancel_job(CancelJobRequest { job_id: done.id.clone() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("COMPLETED"), "{}", err.message());
+    let (status, body) = delete(&server, &format!("/jobs/{}", done.id)).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["code"], 9);
+    assert!(body["message"].as_str().unwrap().contains("COMPLETED"));
+    assert_eq!(body["details"], json!([]));
+    let unchanged = client.get_job(GetJobRequest { job_id: done.id }).await.unwrap().into_inner();
+    assert_eq!(unchanged, completed);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn rest_bad_input_is_rejected_and_changes_nothing() {
+    let mut config = orchestrator_server::ServeConfig::local(
+        orchestrator_testkit::shared_redis_url(),
+        orchestrator_testkit::shared_amqp_url(),
+    );
+    config.redis_prefix = format!("{}:", orchestrator_testkit::unique_name("t"));
+    config.max_payload_bytes = 1024;
+    let server = TestServer::with_config(config).await;
+    let queue = fresh_queue();
+    let big = "x".repeat(2000);
+    let cases: Vec<(String, u16, &str)> = vec![
+        ("{not json".into(), 400, "invalid JSON"),
+        (json!({"kind": "sleep", "queue": queue, "colour": "red"}).to_string(), 400, "unknown field `colour`"),
+        (json!({"kind": "sleep", "queue": queue, "maxAttempts": "many"}).to_string(), 400, "invalid JSON"),
+        (json!({"kind": 7, "queue": queue}).to_string(), 400, "invalid JSON"),
+        (json!({"kind": "", "queue": queue}).to_string(), 400, "invalid kind"),
+        (json!({"queue": queue}).to_string(), 400, "invalid kind"),
+        (json!({"kind": "Not A Kind", "queue": queue}).to_string(), 400, "invalid kind"),
+        (json!({"kind": "sleep", "queue": queue, "maxAttempts": 101}).to_string(), 400, "invalid max_attempts"),
+        (json!({"kind": "sleep", "queue": queue, "payload": {"blob": big}}).to_string(), 400, "invalid payload"),
+        (json!({"kind": "sleep", "queue": queue, "payload": [1, 2]}).to_string(), 400, "invalid JSON"),
+        (json!({"kind": "sleep", "queue": queue, "retry": {"multiplier": 0.5}}).to_string(), 400, "retry.multiplier"),
+        (json!({"kind": "sleep", "queue": queue, "timeout": "soon"}).to_string(), 400, "invalid JSON"),
+        (json!({"kind": "sleep", "queue": "Bad Queue"}).to_string(), 400, "invalid queue"),
+    ];
+    for (body, want_status, want_message) in cases {
+        let (status, err) = post(&server, "/jobs", &body).await;
+        assert_eq!(status, want_status, "{body} -> {err}");
+        assert_eq!(err["code"], 3, "INVALID_ARGUMENT for {body}");
+        let message = err["message"].as_str().unwrap();
+        assert!(message.contains(want_message), "{body} -> {message}");
+    }
+    assert_eq!(jobs_on(&server, &queue).await, 0, "nothing was stored");
+
+    let (status, err) = get(&server, "/jobs/not-a-uuid").await;
+    assert_eq!((status, err["code"].as_i64()), (400, Some(3)));
+    assert!(err["message"].as_str().unwrap().contains("job_id"));
+    let (status, err) = delete(&server, "/jobs/12345").await;
+    assert_eq!((status, err["code"].as_i64()), (400, Some(3)));
+    let unknown = uuid::Uuid::new_v4();
+    let (status, err) = get(&server, &format!("/jobs/{unknown}")).await;
+    assert_eq!((status, err["code"].as_i64()), (404, Some(5)));
+    assert!(err["message"].as_str().unwrap().contains(&unknown.to_string()));
+    let (status, _) = delete(&server, &format!("/jobs/{unknown}")).await;
+    assert_eq!(status, 404);
+    let (status, err) = get(&server, "/jobs?state=SLEEPING").await;
+    assert_eq!(status, 400);
+    assert!(err["message"].as_str().unwrap().contains("state"));
+    let (status, err) = get(&server, "/jobs?pageSize=5000").await;
+    assert_eq!(status, 400);
+    assert!(err["message"].as_str().unwrap().contains("page_size"));
+    let (status, _) = get(&server, "/nope").await;
+    assert_eq!(status, 404);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn grpc_bad_input_is_rejected_and_changes_nothing() {
+    let server = TestServer::start().await;
+    let mut client = server.jobs().await;
+    let queue = fresh_queue();
+    let cases = vec![
+        (spec("", &queue), "kind"),
+        (spec("UPPER", &queue), "kind"),
+        (spec("sleep", "white space"), "queue"),
+        (SubmitJobRequest { max_attempts: 1000, ..spec("sleep", &queue) }, "max_attempts"),
+        (
+            SubmitJobRequest {
+                idempotency_key: "k".repeat(300),
+                ..spec("sleep", &queue)
+            },
+            "idempotency_key",
+        ),
+    ];
+    for (req, field) in cases {
+        let err = client.submit_job(req.clone()).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{req:?}");
+        assert!(err.message().contains(field), "{field}: {}", err.message());
+    }
+    assert_eq!(jobs_on(&server, &queue).await, 0);
+
+    let err = client
+        .get_job(GetJobRequest { job_id: "42".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let err = client
+        .get_job(GetJobRequest { job_id: uuid::Uuid::new_v4().to_string() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = client
+        .cancel_job(CancelJobRequest { job_id: String::new() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let err = client
+        .list_jobs(ListJobsRequest { page_size: 1001, ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let err = client
+        .list_jobs(ListJobsRequest { state: 99, ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn watch_streams_the_snapshot_then_changes_until_terminal() {
+    let server = TestServer::start().await;
+    let mut client = server.jobs().await;
+    let job = client.submit_job(spec("sleep", &fresh_queue())).await.unwrap().into_inner();
+    let mut stream = client
+        .watch_job(WatchJobRequest { job_id: job.id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.next().await.unwrap().unwrap();
+    assert_eq!(first.state, job::State::Created as i32);
+
+    let mut workers = server.workers().await;
+    let started = workers
+        .start_attempt(StartAttemptRequest {
+            job_id: job.id.clone(),
+            worker_id: "w".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let running = tokio::time::timeout(Duration::from_secs(5), stream.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(running.state, job::State::Running as i32);
+    workers
+        .finish_attempt(FinishAttemptRequest {
+            job_id: job.id.clone(),
+            lease_token: started.lease_token,
+            outcome: Some(Outcome::Completed(Default::default())),
+        })
+        .await
+        .unwrap();
+    let done = tokio::time::timeout(Duration::from_secs(5), stream.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(done.state, job::State::Completed as i32);
+    let end = tokio::time::timeout(Duration::from_secs(5), stream.next()).await.unwrap();
+    assert!(end.is_none(), "the stream ends after a terminal state");
+
+    // REST: newline-delimited {"result": job} lines, ending at the terminal state.
+    let resp = server
+        .http_client
+        .get(server.url(&format!("/jobs/{}:watch", job.id)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let text = resp.text().await.unwrap();
+    let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 1);
+    assert_eq!(lines[0]["result"]["state"], "COMPLETED");
+    let err = client
+        .watch_job(WatchJobRequest { job_id: "x".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn health_follows_the_dependencies() {
+    let server = TestServer::start().await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let health = tonic_health::pb::health_client::HealthClient::new(channel);
+    eventually("SERVING", Duration::from_secs(20), || {
+        let mut h = health.clone();
+        async move {
+            let resp = h
+                .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+                .await
+                .ok()?;
+            (resp.into_inner().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32)
+                .then_some(())
+        }
+    })
+    .await;
+    let (status, body) = get(&server, "/healthz").await;
+    assert_eq!((status, body["status"].as_str()), (200, Some("SERVING")));
+    server.stop().await;
+
+    // Point orchd at a Redis that is not there: NOT_SERVING and 503.
+    let dead = format!("redis://127.0.0.1:{}/", orchestrator_testkit::free_port());
+    let config = orchestrator_server::ServeConfig::local(dead, orchestrator_testkit::shared_amqp_url());
+    let server = TestServer::with_config(config).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (status, body) = get(&server, "/healthz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body["detail"].as_str().unwrap().contains("redis"));
+    let err = server.jobs().await.submit_job(spec("echo", "default")).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn openapi_document_describes_the_routes() {
+    let server = TestServer::start().await;
+    let (status, doc) = get(&server, "/openapi.json").await;
+    assert_eq!(status, 200);
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    for path in ["/jobs", "/jobs/{job_id}"] {
+        assert!(doc["paths"][path].is_object(), "{path} missing");
+    }
+    assert!(doc["paths"]["/jobs"]["post"].is_object());
+    assert!(doc["paths"]["/jobs/{job_id}"]["delete"].is_object());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn completed_jobs_keep_their_result() {
+    let server = TestServer::start().await;
+    let mut client = server.jobs().await;
+    let job = client.submit_job(spec("echo", &fresh_queue())).await.unwrap().into_inner();
+    let done = complete(&server, &job.id).await;
+    assert_eq!(done.state, job::State::Completed as i32);
+    assert_eq!(done.attempt, 1);
+    assert!(done.started_at.is_some() && done.finished_at.is_some());
+    let states: Vec<i32> = done.history.iter().map(|t| t.to).collect();
+    assert_eq!(
+        states,
+        [job::State::Created as i32, job::State::Running as i32, job::State::Completed as i32]
+    );
+    assert_eq!(done.history[1].worker_id, "test-worker");
+    server.stop().await;
+}

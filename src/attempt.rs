@@ -1,0 +1,304 @@
+//! The rules of an attempt's life, as pure functions from a job to the
+//! store [`Change`] that records the next step: start, complete, fail (retry
+//! or give up), cancel, or lose the worker. No I/O here; the server applies
+//! the changes, so these rules are the same for every store.
+
+use std::time::Duration;
+
+use pbjson_types::Struct;
+use rand::Rng;
+
+use crate::error::{Error, Result};
+use crate::job::{job_retry, job_state, ms_to_timestamp};
+use crate::proto::v1::{Job, Transition};
+use crate::state::{self, State};
+use crate::store::{Change, Due, LeaseChange};
+
+/// Why a job that a worker received must not run now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// Tell the worker to drop the message; the reason is for its logs.
+    Drop(String),
+}
+
+/// A history entry.
+pub fn transition(from: State, to: State, at_ms: i64, attempt: u32, reason: &str, worker_id: &str) -> Transition {
+    Transition {
+        from: from.to_proto() as i32,
+        to: to.to_proto() as i32,
+        at: Some(ms_to_timestamp(at_ms)),
+        attempt,
+        reason: reason.to_owned(),
+        worker_id: worker_id.to_owned(),
+    }
+}
+
+fn state_of(job: &Job) -> Result<State> {
+    job_state(job).ok_or_else(|| Error::Internal(format!("job {} has no state", job.id)))
+}
+
+/// The change that starts the next attempt of `job` on `worker_id`, or why
+/// it must not start. `dispatched_attempt` is the attempt the message was
+/// published for (0: unknown).
+pub fn start(
+    job: &Job,
+    worker_id: &str,
+    dispatched_attempt: u32,
+    token: String,
+    lease: Duration,
+    now_ms: i64,
+) -> Result<Result<Change, Refusal>> {
+    let current = state_of(job)?;
+    let next = job.attempt + 1;
+    match current {
+        State::Created | State::Retrying => {}
+        State::Running => {
+            return Ok(Err(Refusal::Drop(format!(
+                "job is RUNNING attempt {} on worker {:?} under a lease",
+                job.attempt, job.worker_id
+            ))));
+        }
+        terminal => return Ok(Err(Refusal::Drop(format!("job is {terminal}")))),
+    }
+    if dispatched_attempt != 0 && dispatched_attempt != next {
+        return Ok(Err(Refusal::Drop(format!(
+            "message was for attempt {dispatched_attempt}, the job's next attempt is {next}"
+        ))));
+    }
+    if next > job.max_attempts.max(1) {
+        return Err(Error::Internal(format!(
+            "job {} would start attempt {next} of {}",
+            job.id, job.max_attempts
+        )));
+    }
+    state::check(current, State::Running)?;
+    Ok(Ok(Change {
+        expect: Some(current),
+        to: Some(State::Running),
+        at_ms: now_ms,
+        history: Some(transition(
+            current,
+            State::Running,
+            now_ms,
+            next,
+            &format!("attempt {next} of {} started", job.max_attempts),
+            worker_id,
+        )),
+        attempt: Some(next),
+        started: job.started_at.is_none(),
+        next_attempt_ms: Some(None),
+        worker_id: Some(Some(worker_id.to_owned())),
+        due: Due::Remove,
+        lease: LeaseChange::Set {
+            token,
+            expires_ms: now_ms + lease.as_millis() as i64,
+        },
+        ..Change::default()
+    }))
+}
+
+fn finish(job: &Job, to: State, lease_token: Option<&str>, reason: &str, now_ms: i64) -> Result<Change> {
+    state::check(State::Running, to)?;
+    Ok(Change {
+        expect: Some(State::Running),
+        expect_lease: lease_token.map(str::to_owned),
+        to: Some(to),
+        at_ms: now_ms,
+        history: Some(transition(State::Running, to, now_ms, job.attempt, reason, &job.worker_id)),
+        finished: to.is_terminal(),
+        lease: LeaseChange::Clear,
+        ..Change::default()
+    })
+}
+
+/// The change that records a successful attempt.
+pub fn complete(job: &Job, lease_token: &str, result: Struct, now_ms: i64) -> Result<Change> {
+    let mut change = finish(job, State::Completed, Some(lease_token), "completed", now_ms)?;
+    change.result = Some(result);
+    change.error = Some(String::new());
+    Ok(change)
+}
+
+/// The change that records a cancelled attempt.
+pub fn cancelled(job: &Job, lease_token: &str, reason: &str, now_ms: i64) -> Result<Change> {
+    let reason = if reason.is_empty() { "cancelled by user" } else { reason };
+    let mut change = finish(job, State::Cancelled, Some(lease_token), reason, now_ms)?;
+    change.error = Some(reason.to_owned());
+    Ok(change)
+}
+
+/// The change that records a failed attempt: RETRYING with a jittered
+/// backoff while attempts are left and the failure is not permanent,
+/// otherwise FAILED. A job whose cancel was requested becomes CANCELLED
+/// instead of retrying. `lease_token` is `None` for the sweeper, which
+/// fences with the lease expiry instead.
+pub fn fail(
+    job: &Job,
+    lease_token: Option<&str>,
+    message: &str,
+    permanent: bool,
+    now_ms: i64,
+    rng: &mut impl Rng,
+) -> Result<Change> {
+    let attempt = job.attempt;
+    let max = job.max_attempts;
+    if job.cancel_requested {
+        let reason = format!("cancelled by user (attempt {attempt} ended: {message})");
+        let mut change = finish(job, State::Cancelled, lease_token, &reason, now_ms)?;
+        change.error = Some(message.to_owned());
+        return Ok(change);
+    }
+    if permanent || attempt >= max {
+        let why = if permanent {
+            format!("attempt {attempt} of {max} failed permanently: {message}")
+        } else {
+            format!("attempt {attempt} of {max} failed, no attempts left: {message}")
+        };
+        let mut change = finish(job, State::Failed, lease_token, &why, now_ms)?;
+        change.error = Some(message.to_owned());
+        return Ok(change);
+    }
+    let delay = job_retry(job).backoff(attempt, rng);
+    let due = now_ms + delay.as_millis() as i64;
+    let why = format!(
+        "attempt {attempt} of {max} failed: {message}; retrying in {:.3}s",
+        delay.as_secs_f64()
+    );
+    let mut change = finish(job, State::Retrying, lease_token, &why, now_ms)?;
+    change.error = Some(message.to_owned());
+    change.next_attempt_ms = Some(Some(due));
+    change.due = Due::At(due);
+    change.worker_id = Some(None);
+    Ok(change)
+}
+
+/// The change the sweeper applies to a RUNNING job whose lease expired:
+/// the attempt failed with "worker lost". Fenced on the expiry, so a
+/// heartbeat that renews the lease first wins.
+pub fn worker_lost(job: &Job, now_ms: i64, rng: &mut impl Rng) -> Result<Change> {
+    let message = format!("worker lost: {:?} stopped renewing its lease", job.worker_id);
+    let mut change = fail(job, None, &message, false, now_ms, rng)?;
+    change.expect_lease_expired_by = Some(now_ms);
+    Ok(change)
+}
+
+/// The change a heartbeat applies: extend the lease of the attempt that
+/// holds `lease_token`.
+pub fn renew(lease_token: &str, lease: Duration, now_ms: i64) -> Change {
+    Change {
+        expect: Some(State::Running),
+        expect_lease: Some(lease_token.to_owned()),
+        to: Some(State::Running),
+        at_ms: now_ms,
+        lease: LeaseChange::Extend {
+            expires_ms: now_ms + lease.as_millis() as i64,
+        },
+        ..Change::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::RetrySettings;
+    use rand::SeedableRng;
+
+    fn job(state: State, attempt: u32, max: u32) -> Job {
+        Job {
+            id: "j".into(),
+            state: state.to_proto() as i32,
+            attempt,
+            max_attempts: max,
+            worker_id: "w1".into(),
+            retry: Some(
+                RetrySettings {
+                    initial_backoff: Duration::from_secs(1),
+                    multiplier: 2.0,
+                    max_backoff: Duration::from_secs(10),
+                }
+                .to_proto(),
+            ),
+            ..Job::default()
+        }
+    }
+
+    fn rng() -> rand::rngs::StdRng {
+        rand::rngs::StdRng::seed_from_u64(3)
+    }
+
+    #[test]
+    fn start_takes_created_and_retrying_jobs_only() {
+        for s in [State::Created, State::Retrying] {
+            let c = start(&job(s, 0, 3), "w", 1, "tok".into(), Duration::from_secs(30), 1000)
+                .unwrap()
+                .unwrap();
+            assert_eq!((c.expect, c.to, c.attempt), (Some(s), Some(State::Running), Some(1)));
+            assert_eq!(c.lease, LeaseChange::Set { token: "tok".into(), expires_ms: 31_000 });
+            assert_eq!(c.due, Due::Remove);
+            assert!(c.started);
+        }
+        for s in [State::Running, State::Completed, State::Failed, State::Cancelled] {
+            let r = start(&job(s, 1, 3), "w", 0, "tok".into(), Duration::from_secs(30), 0).unwrap();
+            assert!(matches!(r, Err(Refusal::Drop(_))), "{s}");
+        }
+    }
+
+    #[test]
+    fn a_late_duplicate_of_an_earlier_attempt_is_dropped() {
+        let retrying = job(State::Retrying, 1, 3);
+        let r = start(&retrying, "w", 1, "t".into(), Duration::from_secs(30), 0).unwrap();
+        assert!(matches!(r, Err(Refusal::Drop(m)) if m.contains("attempt 1")));
+        assert!(start(&retrying, "w", 2, "t".into(), Duration::from_secs(30), 0).unwrap().is_ok());
+        assert!(start(&retrying, "w", 0, "t".into(), Duration::from_secs(30), 0).unwrap().is_ok());
+    }
+
+    #[test]
+    fn failures_retry_with_backoff_until_attempts_run_out() {
+        let c = fail(&job(State::Running, 1, 3), Some("t"), "boom", false, 10_000, &mut rng()).unwrap();
+        assert_eq!(c.to, Some(State::Retrying));
+        let Due::At(due) = c.due else { panic!("no due time") };
+        assert!((10_000..=11_000).contains(&due), "{due}");
+        assert_eq!(c.next_attempt_ms, Some(Some(due)));
+        assert_eq!(c.error.as_deref(), Some("boom"));
+        assert!(c.history.unwrap().reason.contains("attempt 1 of 3 failed: boom"));
+
+        let c = fail(&job(State::Running, 3, 3), Some("t"), "boom", false, 0, &mut rng()).unwrap();
+        assert_eq!(c.to, Some(State::Failed));
+        assert!(c.finished);
+        assert!(c.history.unwrap().reason.contains("no attempts left"));
+
+        let c = fail(&job(State::Running, 1, 3), Some("t"), "bad input", true, 0, &mut rng()).unwrap();
+        assert_eq!(c.to, Some(State::Failed));
+        assert!(c.history.unwrap().reason.contains("permanently"));
+    }
+
+    #[test]
+    fn a_failure_after_a_cancel_request_cancels() {
+        let mut j = job(State::Running, 1, 3);
+        j.cancel_requested = true;
+        let c = fail(&j, Some("t"), "interrupted", false, 0, &mut rng()).unwrap();
+        assert_eq!(c.to, Some(State::Cancelled));
+    }
+
+    #[test]
+    fn worker_lost_is_fenced_on_the_lease_expiry_not_the_token() {
+        let c = worker_lost(&job(State::Running, 1, 3), 5000, &mut rng()).unwrap();
+        assert_eq!(c.expect_lease, None);
+        assert_eq!(c.expect_lease_expired_by, Some(5000));
+        assert!(c.error.unwrap().contains("worker lost"));
+        assert_eq!(c.to, Some(State::Retrying));
+    }
+
+    #[test]
+    fn finishing_requires_the_lease_and_clears_it() {
+        let c = complete(&job(State::Running, 1, 3), "tok", Struct::default(), 0).unwrap();
+        assert_eq!(c.expect_lease.as_deref(), Some("tok"));
+        assert_eq!(c.lease, LeaseChange::Clear);
+        assert_eq!(c.to, Some(State::Completed));
+        let c = cancelled(&job(State::Running, 1, 3), "tok", "", 0).unwrap();
+        assert_eq!(c.error.as_deref(), Some("cancelled by user"));
+        let c = renew("tok", Duration::from_secs(30), 100);
+        assert_eq!(c.lease, LeaseChange::Extend { expires_ms: 30_100 });
+        assert_eq!((c.expect, c.to), (Some(State::Running), Some(State::Running)));
+    }
+}
