@@ -101,6 +101,8 @@ rmq_env() {
   export HOME=$QDIR/home LC_ALL=C.UTF-8
   export ERL_EPMD_PORT=$EPMD_PORT ERL_EPMD_ADDRESS=127.0.0.1
   export ERL_CRASH_DUMP=$QDIR/log/erl_crash.dump
+  # Resolve "localhost" inside Erlang, even where /etc/hosts lacks it.
+  export ERL_INETRC=$QDIR/inetrc
   export RABBITMQ_NODENAME=$NODE
   export RABBITMQ_NODE_IP_ADDRESS=127.0.0.1
   export RABBITMQ_NODE_PORT=$AMQP_PORT
@@ -154,6 +156,7 @@ start_rabbitmq() {
   head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$QDIR/home/.erlang.cookie"
   chmod 400 "$QDIR/home/.erlang.cookie"
   : >"$QDIR/rabbitmq-env.conf"
+  printf '%s\n' '{host, {127,0,0,1}, ["localhost"]}.' '{lookup, [file, native]}.' >"$QDIR/inetrc"
   echo '[].' >"$QDIR/enabled_plugins"
   cat >"$QDIR/rabbitmq.conf" <<CONF
 listeners.tcp.default = 127.0.0.1:$AMQP_PORT

@@ -22,7 +22,14 @@ pub enum Refusal {
 }
 
 /// A history entry.
-pub fn transition(from: State, to: State, at_ms: i64, attempt: u32, reason: &str, worker_id: &str) -> Transition {
+pub fn transition(
+    from: State,
+    to: State,
+    at_ms: i64,
+    attempt: u32,
+    reason: &str,
+    worker_id: &str,
+) -> Transition {
     Transition {
         from: from.to_proto() as i32,
         to: to.to_proto() as i32,
@@ -97,14 +104,27 @@ pub fn start(
     }))
 }
 
-fn finish(job: &Job, to: State, lease_token: Option<&str>, reason: &str, now_ms: i64) -> Result<Change> {
+fn finish(
+    job: &Job,
+    to: State,
+    lease_token: Option<&str>,
+    reason: &str,
+    now_ms: i64,
+) -> Result<Change> {
     state::check(State::Running, to)?;
     Ok(Change {
         expect: Some(State::Running),
         expect_lease: lease_token.map(str::to_owned),
         to: Some(to),
         at_ms: now_ms,
-        history: Some(transition(State::Running, to, now_ms, job.attempt, reason, &job.worker_id)),
+        history: Some(transition(
+            State::Running,
+            to,
+            now_ms,
+            job.attempt,
+            reason,
+            &job.worker_id,
+        )),
         finished: to.is_terminal(),
         lease: LeaseChange::Clear,
         ..Change::default()
@@ -113,7 +133,13 @@ fn finish(job: &Job, to: State, lease_token: Option<&str>, reason: &str, now_ms:
 
 /// The change that records a successful attempt.
 pub fn complete(job: &Job, lease_token: &str, result: Struct, now_ms: i64) -> Result<Change> {
-    let mut change = finish(job, State::Completed, Some(lease_token), "completed", now_ms)?;
+    let mut change = finish(
+        job,
+        State::Completed,
+        Some(lease_token),
+        "completed",
+        now_ms,
+    )?;
     change.result = Some(result);
     change.error = Some(String::new());
     Ok(change)
@@ -121,7 +147,11 @@ pub fn complete(job: &Job, lease_token: &str, result: Struct, now_ms: i64) -> Re
 
 /// The change that records a cancelled attempt.
 pub fn cancelled(job: &Job, lease_token: &str, reason: &str, now_ms: i64) -> Result<Change> {
-    let reason = if reason.is_empty() { "cancelled by user" } else { reason };
+    let reason = if reason.is_empty() {
+        "cancelled by user"
+    } else {
+        reason
+    };
     let mut change = finish(job, State::Cancelled, Some(lease_token), reason, now_ms)?;
     change.error = Some(reason.to_owned());
     Ok(change)
@@ -176,7 +206,10 @@ pub fn fail(
 /// the attempt failed with "worker lost". Fenced on the expiry, so a
 /// heartbeat that renews the lease first wins.
 pub fn worker_lost(job: &Job, now_ms: i64, rng: &mut impl Rng) -> Result<Change> {
-    let message = format!("worker lost: {:?} stopped renewing its lease", job.worker_id);
+    let message = format!(
+        "worker lost: {:?} stopped renewing its lease",
+        job.worker_id
+    );
     let mut change = fail(job, None, &message, false, now_ms, rng)?;
     change.expect_lease_expired_by = Some(now_ms);
     Ok(change)
@@ -229,16 +262,45 @@ mod tests {
     #[test]
     fn start_takes_created_and_retrying_jobs_only() {
         for s in [State::Created, State::Retrying] {
-            let c = start(&job(s, 0, 3), "w", 1, "tok".into(), Duration::from_secs(30), 1000)
-                .unwrap()
-                .unwrap();
-            assert_eq!((c.expect, c.to, c.attempt), (Some(s), Some(State::Running), Some(1)));
-            assert_eq!(c.lease, LeaseChange::Set { token: "tok".into(), expires_ms: 31_000 });
+            let c = start(
+                &job(s, 0, 3),
+                "w",
+                1,
+                "tok".into(),
+                Duration::from_secs(30),
+                1000,
+            )
+            .unwrap()
+            .unwrap();
+            assert_eq!(
+                (c.expect, c.to, c.attempt),
+                (Some(s), Some(State::Running), Some(1))
+            );
+            assert_eq!(
+                c.lease,
+                LeaseChange::Set {
+                    token: "tok".into(),
+                    expires_ms: 31_000
+                }
+            );
             assert_eq!(c.due, Due::Remove);
             assert!(c.started);
         }
-        for s in [State::Running, State::Completed, State::Failed, State::Cancelled] {
-            let r = start(&job(s, 1, 3), "w", 0, "tok".into(), Duration::from_secs(30), 0).unwrap();
+        for s in [
+            State::Running,
+            State::Completed,
+            State::Failed,
+            State::Cancelled,
+        ] {
+            let r = start(
+                &job(s, 1, 3),
+                "w",
+                0,
+                "tok".into(),
+                Duration::from_secs(30),
+                0,
+            )
+            .unwrap();
             assert!(matches!(r, Err(Refusal::Drop(_))), "{s}");
         }
     }
@@ -248,26 +310,65 @@ mod tests {
         let retrying = job(State::Retrying, 1, 3);
         let r = start(&retrying, "w", 1, "t".into(), Duration::from_secs(30), 0).unwrap();
         assert!(matches!(r, Err(Refusal::Drop(m)) if m.contains("attempt 1")));
-        assert!(start(&retrying, "w", 2, "t".into(), Duration::from_secs(30), 0).unwrap().is_ok());
-        assert!(start(&retrying, "w", 0, "t".into(), Duration::from_secs(30), 0).unwrap().is_ok());
+        assert!(
+            start(&retrying, "w", 2, "t".into(), Duration::from_secs(30), 0)
+                .unwrap()
+                .is_ok()
+        );
+        assert!(
+            start(&retrying, "w", 0, "t".into(), Duration::from_secs(30), 0)
+                .unwrap()
+                .is_ok()
+        );
     }
 
     #[test]
     fn failures_retry_with_backoff_until_attempts_run_out() {
-        let c = fail(&job(State::Running, 1, 3), Some("t"), "boom", false, 10_000, &mut rng()).unwrap();
+        let c = fail(
+            &job(State::Running, 1, 3),
+            Some("t"),
+            "boom",
+            false,
+            10_000,
+            &mut rng(),
+        )
+        .unwrap();
         assert_eq!(c.to, Some(State::Retrying));
-        let Due::At(due) = c.due else { panic!("no due time") };
+        let Due::At(due) = c.due else {
+            panic!("no due time")
+        };
         assert!((10_000..=11_000).contains(&due), "{due}");
         assert_eq!(c.next_attempt_ms, Some(Some(due)));
         assert_eq!(c.error.as_deref(), Some("boom"));
-        assert!(c.history.unwrap().reason.contains("attempt 1 of 3 failed: boom"));
+        assert!(
+            c.history
+                .unwrap()
+                .reason
+                .contains("attempt 1 of 3 failed: boom")
+        );
 
-        let c = fail(&job(State::Running, 3, 3), Some("t"), "boom", false, 0, &mut rng()).unwrap();
+        let c = fail(
+            &job(State::Running, 3, 3),
+            Some("t"),
+            "boom",
+            false,
+            0,
+            &mut rng(),
+        )
+        .unwrap();
         assert_eq!(c.to, Some(State::Failed));
         assert!(c.finished);
         assert!(c.history.unwrap().reason.contains("no attempts left"));
 
-        let c = fail(&job(State::Running, 1, 3), Some("t"), "bad input", true, 0, &mut rng()).unwrap();
+        let c = fail(
+            &job(State::Running, 1, 3),
+            Some("t"),
+            "bad input",
+            true,
+            0,
+            &mut rng(),
+        )
+        .unwrap();
         assert_eq!(c.to, Some(State::Failed));
         assert!(c.history.unwrap().reason.contains("permanently"));
     }
@@ -299,6 +400,9 @@ mod tests {
         assert_eq!(c.error.as_deref(), Some("cancelled by user"));
         let c = renew("tok", Duration::from_secs(30), 100);
         assert_eq!(c.lease, LeaseChange::Extend { expires_ms: 30_100 });
-        assert_eq!((c.expect, c.to), (Some(State::Running), Some(State::Running)));
+        assert_eq!(
+            (c.expect, c.to),
+            (Some(State::Running), Some(State::Running))
+        );
     }
 }

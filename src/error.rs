@@ -144,7 +144,11 @@ mod tests {
     #[test]
     fn errors_map_to_the_documented_codes() {
         let cases = [
-            (Error::invalid("kind", "must not be empty"), Code::InvalidArgument, 400),
+            (
+                Error::invalid("kind", "must not be empty"),
+                Code::InvalidArgument,
+                400,
+            ),
             (Error::NotFound("x".into()), Code::NotFound, 404),
             (
                 IllegalTransition {
@@ -164,7 +168,11 @@ mod tests {
                 Code::Unavailable,
                 503,
             ),
-            (Error::ResourceExhausted("slow down".into()), Code::ResourceExhausted, 429),
+            (
+                Error::ResourceExhausted("slow down".into()),
+                Code::ResourceExhausted,
+                429,
+            ),
             (Error::Internal("bug".into()), Code::Internal, 500),
         ];
         for (err, code, http) in cases {

@@ -3,14 +3,14 @@
 //! RabbitMQ topology and message format, and the error type with its
 //! mapping to gRPC status codes.
 
-pub mod proto;
 pub mod attempt;
 pub mod error;
 pub mod job;
+pub mod proto;
 pub mod state;
 pub mod validate;
 
 pub use error::{Error, Result};
 pub use state::State;
-pub mod store;
 pub mod queue;
+pub mod store;

@@ -157,7 +157,10 @@ mod tests {
                 assert_eq!(result.is_ok(), expected(from, to), "{from} -> {to}");
                 if let Err(e) = result {
                     let msg = e.to_string();
-                    assert!(msg.contains(from.as_str()) && msg.contains(to.as_str()), "{msg}");
+                    assert!(
+                        msg.contains(from.as_str()) && msg.contains(to.as_str()),
+                        "{msg}"
+                    );
                 } else {
                     allowed += 1;
                 }
@@ -174,7 +177,10 @@ mod tests {
             }
         }
         let terminal: Vec<_> = State::ALL.into_iter().filter(|s| s.is_terminal()).collect();
-        assert_eq!(terminal, [State::Completed, State::Failed, State::Cancelled]);
+        assert_eq!(
+            terminal,
+            [State::Completed, State::Failed, State::Cancelled]
+        );
     }
 
     #[test]

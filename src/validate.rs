@@ -8,10 +8,10 @@ use uuid::Uuid;
 
 use crate::error::{Error, Result};
 use crate::job::{
-    duration_from_proto, NewJob, RetrySettings, DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE,
-    MAX_ATTEMPTS_LIMIT,
+    DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, MAX_ATTEMPTS_LIMIT, NewJob, RetrySettings,
+    duration_from_proto,
 };
-use crate::proto::v1::{job, ListJobsRequest, SubmitJobRequest};
+use crate::proto::v1::{ListJobsRequest, SubmitJobRequest, job};
 use crate::state::State;
 
 /// Limits on what a client may send; configurable on the server.
@@ -51,7 +51,10 @@ pub fn name(field: &str, value: &str) -> Result<()> {
     if value.len() > MAX_NAME_LEN {
         return Err(Error::invalid(
             field,
-            format!("must be at most {MAX_NAME_LEN} characters, got {}", value.len()),
+            format!(
+                "must be at most {MAX_NAME_LEN} characters, got {}",
+                value.len()
+            ),
         ));
     }
     let mut chars = value.chars();
@@ -74,7 +77,10 @@ pub fn job_id(value: &str) -> Result<Uuid> {
         Ok(id) if value.len() == 36 => Ok(id),
         _ => Err(Error::invalid(
             "job_id",
-            format!("must be a UUID such as 7f1c0a52-3b1e-4c1a-9d8e-2f6b1c9a0e4d, got {:?}", truncate(value)),
+            format!(
+                "must be a UUID such as 7f1c0a52-3b1e-4c1a-9d8e-2f6b1c9a0e4d, got {:?}",
+                truncate(value)
+            ),
         )),
     }
 }
@@ -83,7 +89,11 @@ fn truncate(value: &str) -> String {
     value.chars().take(80).collect()
 }
 
-fn duration(field: &str, value: Option<pbjson_types::Duration>, max: Duration) -> Result<Option<Duration>> {
+fn duration(
+    field: &str,
+    value: Option<pbjson_types::Duration>,
+    max: Duration,
+) -> Result<Option<Duration>> {
     let Some(raw) = value else {
         return Ok(None);
     };
@@ -92,7 +102,11 @@ fn duration(field: &str, value: Option<pbjson_types::Duration>, max: Duration) -
     if d > max {
         return Err(Error::invalid(
             field,
-            format!("must be at most {}s, got {}s", max.as_secs(), d.as_secs_f64()),
+            format!(
+                "must be at most {}s, got {}s",
+                max.as_secs(),
+                d.as_secs_f64()
+            ),
         ));
     }
     Ok(Some(d))
@@ -126,7 +140,10 @@ pub fn submit(req: &SubmitJobRequest, limits: &Limits) -> Result<NewJob> {
     if size > limits.max_payload_bytes {
         return Err(Error::invalid(
             "payload",
-            format!("is {size} bytes, more than the limit of {} bytes", limits.max_payload_bytes),
+            format!(
+                "is {size} bytes, more than the limit of {} bytes",
+                limits.max_payload_bytes
+            ),
         ));
     }
 
@@ -139,7 +156,9 @@ pub fn submit(req: &SubmitJobRequest, limits: &Limits) -> Result<NewJob> {
     for (key, value) in &req.labels {
         let key_ok = !key.is_empty()
             && key.len() <= MAX_LABEL_KEY_LEN
-            && key.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/'));
+            && key
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/'));
         if !key_ok {
             return Err(Error::invalid(
                 "labels",
@@ -165,7 +184,10 @@ pub fn submit(req: &SubmitJobRequest, limits: &Limits) -> Result<NewJob> {
         ));
     }
     if key.chars().any(char::is_control) {
-        return Err(Error::invalid("idempotency_key", "must not contain control characters"));
+        return Err(Error::invalid(
+            "idempotency_key",
+            "must not contain control characters",
+        ));
     }
 
     let timeout = duration("timeout", req.timeout, MAX_TIMEOUT)?;
@@ -193,7 +215,7 @@ fn retry(policy: Option<&crate::proto::v1::RetryPolicy>) -> Result<RetrySettings
     let initial_backoff = duration("retry.initial_backoff", policy.initial_backoff, MAX_BACKOFF)?
         .unwrap_or(defaults.initial_backoff);
     let multiplier = match policy.multiplier {
-        m if m == 0.0 => defaults.multiplier,
+        0.0 => defaults.multiplier,
         m if m.is_finite() && (1.0..=100.0).contains(&m) => m,
         m => {
             return Err(Error::invalid(
@@ -236,7 +258,12 @@ pub struct ListQuery {
 pub fn list(req: &ListJobsRequest) -> Result<ListQuery> {
     let state = match job::State::try_from(req.state) {
         Ok(s) => State::from_proto(s),
-        Err(_) => return Err(Error::invalid("state", format!("unknown state {}", req.state))),
+        Err(_) => {
+            return Err(Error::invalid(
+                "state",
+                format!("unknown state {}", req.state),
+            ));
+        }
     };
     let kind = (!req.kind.is_empty())
         .then(|| name("kind", &req.kind).map(|()| req.kind.clone()))
@@ -296,18 +323,45 @@ mod tests {
         for ok in ["sleep", "a", "my-kind_2.v1", &"x".repeat(64)] {
             assert!(name("kind", ok).is_ok(), "{ok}");
         }
-        for bad in ["", "Sleep", "1abc", "-a", "a b", "a/b", "é", &"x".repeat(65)] {
+        for bad in [
+            "",
+            "Sleep",
+            "1abc",
+            "-a",
+            "a b",
+            "a/b",
+            "é",
+            &"x".repeat(65),
+        ] {
             let err = name("kind", bad).unwrap_err();
             assert_eq!(field_of(err), "kind", "{bad}");
         }
-        let err = submit(&SubmitJobRequest { queue: "Bad Queue".into(), ..spec("sleep") }, &Limits::default());
+        let err = submit(
+            &SubmitJobRequest {
+                queue: "Bad Queue".into(),
+                ..spec("sleep")
+            },
+            &Limits::default(),
+        );
         assert_eq!(field_of(err.unwrap_err()), "queue");
     }
 
     #[test]
     fn max_attempts_must_be_within_1_and_100() {
-        for (n, want) in [(0, Some(3)), (1, Some(1)), (100, Some(100)), (101, None), (u32::MAX, None)] {
-            let got = submit(&SubmitJobRequest { max_attempts: n, ..spec("sleep") }, &Limits::default());
+        for (n, want) in [
+            (0, Some(3)),
+            (1, Some(1)),
+            (100, Some(100)),
+            (101, None),
+            (u32::MAX, None),
+        ] {
+            let got = submit(
+                &SubmitJobRequest {
+                    max_attempts: n,
+                    ..spec("sleep")
+                },
+                &Limits::default(),
+            );
             match want {
                 Some(w) => assert_eq!(got.unwrap().max_attempts, w),
                 None => {
@@ -328,8 +382,13 @@ mod tests {
                 kind: Some(pbjson_types::value::Kind::StringValue("x".repeat(2000))),
             },
         );
-        let req = SubmitJobRequest { payload: Some(payload), ..spec("echo") };
-        let limits = Limits { max_payload_bytes: 1000 };
+        let req = SubmitJobRequest {
+            payload: Some(payload),
+            ..spec("echo")
+        };
+        let limits = Limits {
+            max_payload_bytes: 1000,
+        };
         let err = submit(&req, &limits).unwrap_err();
         assert!(err.to_string().contains("limit of 1000 bytes"), "{err}");
         assert_eq!(field_of(err), "payload");
@@ -342,32 +401,105 @@ mod tests {
         req.labels.insert("team".into(), "infra".into());
         assert!(submit(&req, &Limits::default()).is_ok());
         req.labels.insert("bad key".into(), "x".into());
-        assert_eq!(field_of(submit(&req, &Limits::default()).unwrap_err()), "labels");
+        assert_eq!(
+            field_of(submit(&req, &Limits::default()).unwrap_err()),
+            "labels"
+        );
 
         let mut req = spec("sleep");
         req.labels = (0..65).map(|i| (format!("k{i}"), "v".into())).collect();
-        assert_eq!(field_of(submit(&req, &Limits::default()).unwrap_err()), "labels");
+        assert_eq!(
+            field_of(submit(&req, &Limits::default()).unwrap_err()),
+            "labels"
+        );
 
-        let req = SubmitJobRequest { idempotency_key: "k".repeat(257), ..spec("sleep") };
-        assert_eq!(field_of(submit(&req, &Limits::default()).unwrap_err()), "idempotency_key");
-        let req = SubmitJobRequest { idempotency_key: "a\nb".into(), ..spec("sleep") };
-        assert_eq!(field_of(submit(&req, &Limits::default()).unwrap_err()), "idempotency_key");
+        let req = SubmitJobRequest {
+            idempotency_key: "k".repeat(257),
+            ..spec("sleep")
+        };
+        assert_eq!(
+            field_of(submit(&req, &Limits::default()).unwrap_err()),
+            "idempotency_key"
+        );
+        let req = SubmitJobRequest {
+            idempotency_key: "a\nb".into(),
+            ..spec("sleep")
+        };
+        assert_eq!(
+            field_of(submit(&req, &Limits::default()).unwrap_err()),
+            "idempotency_key"
+        );
     }
 
     #[test]
     fn retry_policy_is_checked_field_by_field() {
-        let d = |s: i64| Some(pbjson_types::Duration { seconds: s, nanos: 0 });
+        let d = |s: i64| {
+            Some(pbjson_types::Duration {
+                seconds: s,
+                nanos: 0,
+            })
+        };
         let cases = [
-            (RetryPolicy { multiplier: 0.5, ..Default::default() }, Some("retry.multiplier")),
-            (RetryPolicy { multiplier: f64::NAN, ..Default::default() }, Some("retry.multiplier")),
-            (RetryPolicy { initial_backoff: d(-1), ..Default::default() }, Some("retry.initial_backoff")),
-            (RetryPolicy { initial_backoff: d(10), max_backoff: d(5), ..Default::default() }, Some("retry.max_backoff")),
-            (RetryPolicy { max_backoff: d(100_000), ..Default::default() }, Some("retry.max_backoff")),
-            (RetryPolicy { initial_backoff: d(2), multiplier: 3.0, max_backoff: d(60) }, None),
-            (RetryPolicy { initial_backoff: d(600), ..Default::default() }, None),
+            (
+                RetryPolicy {
+                    multiplier: 0.5,
+                    ..Default::default()
+                },
+                Some("retry.multiplier"),
+            ),
+            (
+                RetryPolicy {
+                    multiplier: f64::NAN,
+                    ..Default::default()
+                },
+                Some("retry.multiplier"),
+            ),
+            (
+                RetryPolicy {
+                    initial_backoff: d(-1),
+                    ..Default::default()
+                },
+                Some("retry.initial_backoff"),
+            ),
+            (
+                RetryPolicy {
+                    initial_backoff: d(10),
+                    max_backoff: d(5),
+                    ..Default::default()
+                },
+                Some("retry.max_backoff"),
+            ),
+            (
+                RetryPolicy {
+                    max_backoff: d(100_000),
+                    ..Default::default()
+                },
+                Some("retry.max_backoff"),
+            ),
+            (
+                RetryPolicy {
+                    initial_backoff: d(2),
+                    multiplier: 3.0,
+                    max_backoff: d(60),
+                },
+                None,
+            ),
+            (
+                RetryPolicy {
+                    initial_backoff: d(600),
+                    ..Default::default()
+                },
+                None,
+            ),
         ];
         for (policy, want) in cases {
-            let got = submit(&SubmitJobRequest { retry: Some(policy), ..spec("sleep") }, &Limits::default());
+            let got = submit(
+                &SubmitJobRequest {
+                    retry: Some(policy),
+                    ..spec("sleep")
+                },
+                &Limits::default(),
+            );
             match want {
                 Some(field) => assert_eq!(field_of(got.unwrap_err()), field, "{policy:?}"),
                 None => assert!(got.is_ok(), "{policy:?}"),
@@ -378,12 +510,21 @@ mod tests {
     #[test]
     fn timeout_must_be_positive_and_bounded() {
         let with = |s: i64| SubmitJobRequest {
-            timeout: Some(pbjson_types::Duration { seconds: s, nanos: 0 }),
+            timeout: Some(pbjson_types::Duration {
+                seconds: s,
+                nanos: 0,
+            }),
             ..spec("sleep")
         };
-        assert_eq!(submit(&with(30), &Limits::default()).unwrap().timeout, Some(Duration::from_secs(30)));
+        assert_eq!(
+            submit(&with(30), &Limits::default()).unwrap().timeout,
+            Some(Duration::from_secs(30))
+        );
         for bad in [0, -5, 8 * 24 * 3600] {
-            assert_eq!(field_of(submit(&with(bad), &Limits::default()).unwrap_err()), "timeout");
+            assert_eq!(
+                field_of(submit(&with(bad), &Limits::default()).unwrap_err()),
+                "timeout"
+            );
         }
     }
 
@@ -391,7 +532,14 @@ mod tests {
     fn job_ids_must_be_hyphenated_uuids() {
         let id = Uuid::new_v4();
         assert_eq!(job_id(&id.to_string()).unwrap(), id);
-        for bad in ["", "42", "not-a-uuid", &id.simple().to_string(), &format!("{{{id}}}"), "../../etc"] {
+        for bad in [
+            "",
+            "42",
+            "not-a-uuid",
+            &id.simple().to_string(),
+            &format!("{{{id}}}"),
+            "../../etc",
+        ] {
             assert_eq!(field_of(job_id(bad).unwrap_err()), "job_id", "{bad}");
         }
     }
@@ -400,7 +548,10 @@ mod tests {
     fn list_requests_get_defaults_and_bounds() {
         let q = list(&ListJobsRequest::default()).unwrap();
         assert_eq!(q.page_size, 50);
-        assert_eq!((q.state, q.kind, q.queue, q.page_token), (None, None, None, None));
+        assert_eq!(
+            (q.state, q.kind, q.queue, q.page_token),
+            (None, None, None, None)
+        );
         let q = list(&ListJobsRequest {
             state: job::State::Running as i32,
             kind: "sleep".into(),
@@ -411,10 +562,34 @@ mod tests {
         assert_eq!(q.state, Some(State::Running));
         assert_eq!(q.kind.as_deref(), Some("sleep"));
         for (req, field) in [
-            (ListJobsRequest { page_size: 1001, ..Default::default() }, "page_size"),
-            (ListJobsRequest { state: 42, ..Default::default() }, "state"),
-            (ListJobsRequest { kind: "BAD".into(), ..Default::default() }, "kind"),
-            (ListJobsRequest { queue: "a b".into(), ..Default::default() }, "queue"),
+            (
+                ListJobsRequest {
+                    page_size: 1001,
+                    ..Default::default()
+                },
+                "page_size",
+            ),
+            (
+                ListJobsRequest {
+                    state: 42,
+                    ..Default::default()
+                },
+                "state",
+            ),
+            (
+                ListJobsRequest {
+                    kind: "BAD".into(),
+                    ..Default::default()
+                },
+                "kind",
+            ),
+            (
+                ListJobsRequest {
+                    queue: "a b".into(),
+                    ..Default::default()
+                },
+                "queue",
+            ),
         ] {
             assert_eq!(field_of(list(&req).unwrap_err()), field);
         }

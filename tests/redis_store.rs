@@ -59,22 +59,40 @@ async fn concurrent_compare_and_set_has_exactly_one_winner() {
     let tasks = (0..50).map(|i| {
         let store = store.clone();
         async move {
-            let to = if i % 2 == 0 { State::Running } else { State::Cancelled };
+            let to = if i % 2 == 0 {
+                State::Running
+            } else {
+                State::Cancelled
+            };
             let change = Change {
                 expect: Some(State::Created),
                 to: Some(to),
                 at_ms: now_ms(),
-                history: Some(attempt::transition(State::Created, to, now_ms(), 0, "race", "")),
+                history: Some(attempt::transition(
+                    State::Created,
+                    to,
+                    now_ms(),
+                    0,
+                    "race",
+                    "",
+                )),
                 ..Change::default()
             };
             store.apply(id, &change).await.unwrap()
         }
     });
     let results = futures::future::join_all(tasks).await;
-    let winners = results.iter().filter(|r| matches!(r, Applied::Done(_))).count();
+    let winners = results
+        .iter()
+        .filter(|r| matches!(r, Applied::Done(_)))
+        .count();
     assert_eq!(winners, 1);
     for r in &results {
-        if let Applied::Conflict { actual, lease_mismatch } = r {
+        if let Applied::Conflict {
+            actual,
+            lease_mismatch,
+        } = r
+        {
             assert!(matches!(actual, State::Running | State::Cancelled));
             assert!(!lease_mismatch);
         }
@@ -91,18 +109,47 @@ async fn state_indexes_follow_transitions() {
         state: Some(s),
         ..query()
     };
-    assert_eq!(store.list(&by_state(State::Created)).await.unwrap().jobs.len(), 1);
+    assert_eq!(
+        store
+            .list(&by_state(State::Created))
+            .await
+            .unwrap()
+            .jobs
+            .len(),
+        1
+    );
     let change = Change {
         expect: Some(State::Created),
         to: Some(State::Cancelled),
         at_ms: now_ms(),
         ..Change::default()
     };
-    assert!(matches!(store.apply(id, &change).await.unwrap(), Applied::Done(_)));
-    assert!(store.list(&by_state(State::Created)).await.unwrap().jobs.is_empty());
-    assert_eq!(store.list(&by_state(State::Cancelled)).await.unwrap().jobs.len(), 1);
+    assert!(matches!(
+        store.apply(id, &change).await.unwrap(),
+        Applied::Done(_)
+    ));
+    assert!(
+        store
+            .list(&by_state(State::Created))
+            .await
+            .unwrap()
+            .jobs
+            .is_empty()
+    );
+    assert_eq!(
+        store
+            .list(&by_state(State::Cancelled))
+            .await
+            .unwrap()
+            .jobs
+            .len(),
+        1
+    );
     let missing = Uuid::new_v4();
-    assert!(matches!(store.apply(missing, &change).await.unwrap(), Applied::NotFound));
+    assert!(matches!(
+        store.apply(missing, &change).await.unwrap(),
+        Applied::NotFound
+    ));
 }
 
 #[tokio::test]
@@ -123,8 +170,17 @@ async fn due_entries_are_claimed_by_one_dispatcher_at_a_time() {
     assert_eq!(claimed.len(), unique.len(), "no entry claimed twice");
     assert_eq!(unique, ids, "every due job claimed once");
     // Claimed entries are not due again until the claim runs out.
-    assert!(store.claim_due(now, now + 60_000, 100).await.unwrap().is_empty());
-    let again = store.claim_due(now + 60_001, now + 120_000, 100).await.unwrap();
+    assert!(
+        store
+            .claim_due(now, now + 60_000, 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let again = store
+        .claim_due(now + 60_001, now + 120_000, 100)
+        .await
+        .unwrap();
     assert_eq!(again.len(), 40);
     // An ack with a stale claim leaves a re-scheduled entry alone.
     let first = &again[0];
@@ -152,8 +208,17 @@ async fn claims_skip_jobs_that_no_longer_need_a_dispatch() {
         due: Due::Keep,
         ..Change::default()
     };
-    assert!(matches!(store.apply(id, &change).await.unwrap(), Applied::Done(_)));
-    assert!(store.claim_due(now_ms() + 1, now_ms() + 5000, 10).await.unwrap().is_empty());
+    assert!(matches!(
+        store.apply(id, &change).await.unwrap(),
+        Applied::Done(_)
+    ));
+    assert!(
+        store
+            .claim_due(now_ms() + 1, now_ms() + 5000, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 #[tokio::test]
@@ -162,9 +227,16 @@ async fn expired_leases_are_found_and_fenced() {
     let id = create(&store, "lease", "").await;
     let job = store.get(id).await.unwrap().unwrap();
     let now = now_ms();
-    let start = attempt::start(&job, "w1", 1, "tok-1".into(), Duration::from_millis(100), now)
-        .unwrap()
-        .unwrap();
+    let start = attempt::start(
+        &job,
+        "w1",
+        1,
+        "tok-1".into(),
+        Duration::from_millis(100),
+        now,
+    )
+    .unwrap()
+    .unwrap();
     let Applied::Done(running) = store.apply(id, &start).await.unwrap() else {
         panic!("start applies");
     };
@@ -176,13 +248,22 @@ async fn expired_leases_are_found_and_fenced() {
     let wrong = attempt::complete(&running, "tok-2", Default::default(), now).unwrap();
     assert!(matches!(
         store.apply(id, &wrong).await.unwrap(),
-        Applied::Conflict { lease_mismatch: true, .. }
+        Applied::Conflict {
+            lease_mismatch: true,
+            ..
+        }
     ));
     // The sweeper's change loses to a lease renewed after the expiry it saw.
     let renew = attempt::renew("tok-1", Duration::from_secs(30), now_ms());
-    assert!(matches!(store.apply(id, &renew).await.unwrap(), Applied::Done(_)));
+    assert!(matches!(
+        store.apply(id, &renew).await.unwrap(),
+        Applied::Done(_)
+    ));
     let lost = attempt::worker_lost(&running, now + 150, &mut rand::rng()).unwrap();
-    assert!(matches!(store.apply(id, &lost).await.unwrap(), Applied::Conflict { .. }));
+    assert!(matches!(
+        store.apply(id, &lost).await.unwrap(),
+        Applied::Conflict { .. }
+    ));
     // Once it really expired, the sweeper wins and the lease is gone.
     let later = now_ms() + 60_000;
     let lost = attempt::worker_lost(&running, later, &mut rand::rng()).unwrap();
@@ -206,12 +287,22 @@ async fn retention_purges_terminal_jobs_with_their_indexes_and_keys() {
         finished: true,
         ..Change::default()
     };
-    assert!(matches!(store.apply(done, &change).await.unwrap(), Applied::Done(_)));
-    assert_eq!(store.purge_expired(now_ms(), 100).await.unwrap(), 0, "not yet expired");
+    assert!(matches!(
+        store.apply(done, &change).await.unwrap(),
+        Applied::Done(_)
+    ));
+    assert_eq!(
+        store.purge_expired(now_ms(), 100).await.unwrap(),
+        0,
+        "not yet expired"
+    );
     let purged = store.purge_expired(now_ms() + 2_000, 100).await.unwrap();
     assert_eq!(purged, 1);
     assert!(store.get(done).await.unwrap().is_none());
-    assert!(store.get(live).await.unwrap().is_some(), "non-terminal jobs stay");
+    assert!(
+        store.get(live).await.unwrap().is_some(),
+        "non-terminal jobs stay"
+    );
     for q in [
         query(),
         ListQuery {
@@ -223,8 +314,18 @@ async fn retention_purges_terminal_jobs_with_their_indexes_and_keys() {
             ..query()
         },
     ] {
-        let ids: Vec<String> = store.list(&q).await.unwrap().jobs.into_iter().map(|j| j.id).collect();
-        assert!(!ids.contains(&done.to_string()), "{q:?} still lists the purged job");
+        let ids: Vec<String> = store
+            .list(&q)
+            .await
+            .unwrap()
+            .jobs
+            .into_iter()
+            .map(|j| j.id)
+            .collect();
+        assert!(
+            !ids.contains(&done.to_string()),
+            "{q:?} still lists the purged job"
+        );
     }
     // The idempotency key is free again.
     let reused = create(&store, "purge", "purge-key").await;

@@ -10,8 +10,9 @@ use orchestrator::attempt::{self, Refusal};
 use orchestrator::error::{Error, Result};
 use orchestrator::job::{duration_from_proto, job_state, ms_to_timestamp, now_ms};
 use orchestrator::proto::v1::{
-    FinishAttemptRequest, HeartbeatRequest, HeartbeatResponse, Job, LeaseStatus, StartAttemptRequest,
-    StartAttemptResponse, finish_attempt_request::Outcome, start_attempt_response::Decision,
+    FinishAttemptRequest, HeartbeatRequest, HeartbeatResponse, Job, LeaseStatus,
+    StartAttemptRequest, StartAttemptResponse, finish_attempt_request::Outcome,
+    start_attempt_response::Decision,
 };
 use orchestrator::state::State;
 use orchestrator::store::{Applied, Change, JobStore};
@@ -54,7 +55,8 @@ fn lease_of(requested: Option<pbjson_types::Duration>, config: &LeaseConfig) -> 
     let Some(raw) = requested else {
         return Ok(config.default);
     };
-    let lease = duration_from_proto(raw).ok_or_else(|| Error::invalid("lease", "must be a non-negative duration"))?;
+    let lease = duration_from_proto(raw)
+        .ok_or_else(|| Error::invalid("lease", "must be a non-negative duration"))?;
     if lease.is_zero() {
         return Ok(config.default);
     }
@@ -105,7 +107,14 @@ impl AttemptService {
             let job = self.read(id).await?;
             let token = Uuid::new_v4().to_string();
             let now = now_ms();
-            let change = match attempt::start(&job, &req.worker_id, req.attempt, token.clone(), lease, now)? {
+            let change = match attempt::start(
+                &job,
+                &req.worker_id,
+                req.attempt,
+                token.clone(),
+                lease,
+                now,
+            )? {
                 Ok(change) => change,
                 Err(Refusal::Drop(reason)) => {
                     tracing::info!(job_id = %id, worker_id = %req.worker_id, %reason, "start refused: drop the message");
@@ -131,7 +140,9 @@ impl AttemptService {
                 Applied::Conflict { .. } => continue,
             }
         }
-        Err(Error::Conflict(format!("job {id} kept changing; try again")))
+        Err(Error::Conflict(format!(
+            "job {id} kept changing; try again"
+        )))
     }
 
     /// Heartbeat: renew every lease still held, report cancellations.
@@ -176,21 +187,36 @@ impl AttemptService {
             return Err(Error::invalid("lease_token", "must not be empty"));
         }
         let Some(outcome) = req.outcome else {
-            return Err(Error::invalid("outcome", "one of completed, failed or cancelled is required"));
+            return Err(Error::invalid(
+                "outcome",
+                "one of completed, failed or cancelled is required",
+            ));
         };
         for _ in 0..MAX_CAS_RETRIES {
             let job = self.read(id).await?;
-            let current = job_state(&job).ok_or_else(|| Error::Internal("job without state".into()))?;
+            let current =
+                job_state(&job).ok_or_else(|| Error::Internal("job without state".into()))?;
             if current != State::Running {
-                return Err(Error::StaleLease(format!("job {id} is {current}, not running this attempt")));
+                return Err(Error::StaleLease(format!(
+                    "job {id} is {current}, not running this attempt"
+                )));
             }
             let now = now_ms();
             let change: Change = match &outcome {
-                Outcome::Completed(result) => attempt::complete(&job, &req.lease_token, result.clone(), now)?,
-                Outcome::Failed(f) => {
-                    attempt::fail(&job, Some(&req.lease_token), &f.message, f.permanent, now, &mut rand::rng())?
+                Outcome::Completed(result) => {
+                    attempt::complete(&job, &req.lease_token, result.clone(), now)?
                 }
-                Outcome::Cancelled(c) => attempt::cancelled(&job, &req.lease_token, &c.reason, now)?,
+                Outcome::Failed(f) => attempt::fail(
+                    &job,
+                    Some(&req.lease_token),
+                    &f.message,
+                    f.permanent,
+                    now,
+                    &mut rand::rng(),
+                )?,
+                Outcome::Cancelled(c) => {
+                    attempt::cancelled(&job, &req.lease_token, &c.reason, now)?
+                }
             };
             match self.store.apply(id, &change).await? {
                 Applied::Done(job) => {
@@ -198,7 +224,10 @@ impl AttemptService {
                     return Ok(*job);
                 }
                 Applied::NotFound => return Err(Error::NotFound(id.to_string())),
-                Applied::Conflict { actual, lease_mismatch: true } => {
+                Applied::Conflict {
+                    actual,
+                    lease_mismatch: true,
+                } => {
                     return Err(Error::StaleLease(format!(
                         "job {id} ({actual}) is held by another attempt; this lease is no longer valid"
                     )));
@@ -207,7 +236,9 @@ impl AttemptService {
                 Applied::Conflict { .. } => continue,
             }
         }
-        Err(Error::Conflict(format!("job {id} kept changing; try again")))
+        Err(Error::Conflict(format!(
+            "job {id} kept changing; try again"
+        )))
     }
 
     /// One sweep: fails every attempt whose lease expired ("worker lost"),
@@ -239,7 +270,9 @@ impl AttemptService {
 pub async fn run_sweeper(service: AttemptService, interval: Duration, shutdown: CancellationToken) {
     loop {
         match service.sweep(200).await {
-            Ok(n) if n > 0 => tracing::info!(recovered = n, "sweeper recovered attempts of lost workers"),
+            Ok(n) if n > 0 => {
+                tracing::info!(recovered = n, "sweeper recovered attempts of lost workers")
+            }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "sweep failed"),
         }

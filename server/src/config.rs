@@ -48,7 +48,11 @@ pub struct ServeConfig {
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379/")]
     pub redis_url: String,
     /// The RabbitMQ that carries dispatches to workers.
-    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
     pub amqp_url: String,
     /// Prefix of every Redis key orchd writes.
     #[arg(long, env = "ORCH_REDIS_PREFIX", default_value = "orch:")]

@@ -52,7 +52,11 @@ pub struct Dispatcher {
 impl Dispatcher {
     /// A dispatcher from `store`'s due-set to `queue`.
     pub fn new(store: Arc<dyn JobStore>, queue: Arc<dyn JobQueue>, config: DispatchConfig) -> Self {
-        Dispatcher { store, queue, config }
+        Dispatcher {
+            store,
+            queue,
+            config,
+        }
     }
 
     /// The claim duration, in ms.
@@ -112,13 +116,18 @@ impl Dispatcher {
                 Ok(due) if due.is_empty() => self.config.poll_interval,
                 Ok(due) => {
                     let full = due.len() == self.config.batch;
-                    let published = futures::future::join_all(due.into_iter().map(|d| self.publish(d))).await;
+                    let published =
+                        futures::future::join_all(due.into_iter().map(|d| self.publish(d))).await;
                     if published.iter().all(|ok| *ok) {
                         failures = 0;
                     } else {
                         failures += 1;
                     }
-                    if full && failures == 0 { Duration::ZERO } else { backoff(failures, self.config.poll_interval) }
+                    if full && failures == 0 {
+                        Duration::ZERO
+                    } else {
+                        backoff(failures, self.config.poll_interval)
+                    }
                 }
                 Err(e) => {
                     failures += 1;

@@ -5,9 +5,9 @@ use std::pin::Pin;
 
 use futures::{Stream, StreamExt};
 use orchestrator::proto::v1::{
-    CancelJobRequest, FinishAttemptRequest, GetJobRequest, HeartbeatRequest, HeartbeatResponse, Job,
-    ListJobsRequest, ListJobsResponse, StartAttemptRequest, StartAttemptResponse, SubmitJobRequest,
-    WatchJobRequest, job_service_server, worker_service_server,
+    CancelJobRequest, FinishAttemptRequest, GetJobRequest, HeartbeatRequest, HeartbeatResponse,
+    Job, ListJobsRequest, ListJobsResponse, StartAttemptRequest, StartAttemptResponse,
+    SubmitJobRequest, WatchJobRequest, job_service_server, worker_service_server,
 };
 use tonic::{Request, Response, Status};
 
@@ -29,23 +29,37 @@ impl GrpcJobs {
 
 #[tonic::async_trait]
 impl job_service_server::JobService for GrpcJobs {
-    async fn submit_job(&self, request: Request<SubmitJobRequest>) -> Result<Response<Job>, Status> {
-        Ok(Response::new(self.service.submit(request.into_inner()).await?))
+    async fn submit_job(
+        &self,
+        request: Request<SubmitJobRequest>,
+    ) -> Result<Response<Job>, Status> {
+        Ok(Response::new(
+            self.service.submit(request.into_inner()).await?,
+        ))
     }
 
     async fn get_job(&self, request: Request<GetJobRequest>) -> Result<Response<Job>, Status> {
-        Ok(Response::new(self.service.get(&request.into_inner().job_id).await?))
+        Ok(Response::new(
+            self.service.get(&request.into_inner().job_id).await?,
+        ))
     }
 
-    async fn cancel_job(&self, request: Request<CancelJobRequest>) -> Result<Response<Job>, Status> {
-        Ok(Response::new(self.service.cancel(&request.into_inner().job_id).await?))
+    async fn cancel_job(
+        &self,
+        request: Request<CancelJobRequest>,
+    ) -> Result<Response<Job>, Status> {
+        Ok(Response::new(
+            self.service.cancel(&request.into_inner().job_id).await?,
+        ))
     }
 
     async fn list_jobs(
         &self,
         request: Request<ListJobsRequest>,
     ) -> Result<Response<ListJobsResponse>, Status> {
-        Ok(Response::new(self.service.list(request.into_inner()).await?))
+        Ok(Response::new(
+            self.service.list(request.into_inner()).await?,
+        ))
     }
 
     type WatchJobStream = Pin<Box<dyn Stream<Item = Result<Job, Status>> + Send + 'static>>;
@@ -55,7 +69,9 @@ impl job_service_server::JobService for GrpcJobs {
         request: Request<WatchJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
         let stream = self.service.watch(&request.into_inner().job_id).await?;
-        Ok(Response::new(stream.map(|item| item.map_err(Status::from)).boxed()))
+        Ok(Response::new(
+            stream.map(|item| item.map_err(Status::from)).boxed(),
+        ))
     }
 }
 
@@ -78,14 +94,26 @@ impl worker_service_server::WorkerService for GrpcWorkers {
         &self,
         request: Request<StartAttemptRequest>,
     ) -> Result<Response<StartAttemptResponse>, Status> {
-        Ok(Response::new(self.attempts.start(request.into_inner()).await?))
+        Ok(Response::new(
+            self.attempts.start(request.into_inner()).await?,
+        ))
     }
 
-    async fn heartbeat(&self, request: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
-        Ok(Response::new(self.attempts.heartbeat(request.into_inner()).await?))
+    async fn heartbeat(
+        &self,
+        request: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatResponse>, Status> {
+        Ok(Response::new(
+            self.attempts.heartbeat(request.into_inner()).await?,
+        ))
     }
 
-    async fn finish_attempt(&self, request: Request<FinishAttemptRequest>) -> Result<Response<Job>, Status> {
-        Ok(Response::new(self.attempts.finish(request.into_inner()).await?))
+    async fn finish_attempt(
+        &self,
+        request: Request<FinishAttemptRequest>,
+    ) -> Result<Response<Job>, Status> {
+        Ok(Response::new(
+            self.attempts.finish(request.into_inner()).await?,
+        ))
     }
 }

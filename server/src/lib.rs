@@ -8,7 +8,7 @@ pub mod dispatch;
 pub mod grpc;
 pub mod health;
 pub mod janitor;
-// OPENAPI pub mod openapi;
+pub mod openapi;
 pub mod rest;
 pub mod service;
 
@@ -77,7 +77,10 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
 
 /// Starts `orchd serve` and returns once it listens. Everything stops when
 /// `shutdown` is cancelled; [`Running::wait`] waits for that.
-pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<Running, ServerError> {
+pub async fn start(
+    config: ServeConfig,
+    shutdown: CancellationToken,
+) -> Result<Running, ServerError> {
     let store_config = RedisStoreConfig {
         url: config.redis_url.clone(),
         prefix: config.redis_prefix.clone(),
@@ -100,8 +103,18 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
 
     let grpc_listener = bind(config.grpc_addr).await?;
     let http_listener = bind(config.http_addr).await?;
-    let grpc_addr = grpc_listener.local_addr().map_err(|source| ServerError::Bind { addr: config.grpc_addr, source })?;
-    let http_addr = http_listener.local_addr().map_err(|source| ServerError::Bind { addr: config.http_addr, source })?;
+    let grpc_addr = grpc_listener
+        .local_addr()
+        .map_err(|source| ServerError::Bind {
+            addr: config.grpc_addr,
+            source,
+        })?;
+    let http_addr = http_listener
+        .local_addr()
+        .map_err(|source| ServerError::Bind {
+            addr: config.http_addr,
+            source,
+        })?;
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
     let health = Health::default();
@@ -124,12 +137,17 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(JobServiceServer::new(grpc::GrpcJobs::new(service.clone())))
-        .add_service(WorkerServiceServer::new(grpc::GrpcWorkers::new(attempts.clone())))
+        .add_service(WorkerServiceServer::new(grpc::GrpcWorkers::new(
+            attempts.clone(),
+        )))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
             shutdown.clone().cancelled_owned(),
         );
-    let max_body = config.max_payload_bytes.saturating_mul(2).saturating_add(64 * 1024);
+    let max_body = config
+        .max_payload_bytes
+        .saturating_mul(2)
+        .saturating_add(64 * 1024);
     let router = rest::router(
         rest::RestState {
             service: service.clone(),
@@ -137,7 +155,8 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
         },
         max_body,
     );
-    let http = axum::serve(http_listener, router).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let http = axum::serve(http_listener, router)
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
 
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(health::run(
@@ -149,8 +168,16 @@ pub async fn start(config: ServeConfig, shutdown: CancellationToken) -> Result<R
         shutdown.clone(),
     ));
     tasks.spawn(dispatcher.run(shutdown.clone()));
-    tasks.spawn(attempts::run_sweeper(attempts, Duration::from_secs(1), shutdown.clone()));
-    tasks.spawn(janitor::run(store.clone(), Duration::from_secs(60), shutdown.clone()));
+    tasks.spawn(attempts::run_sweeper(
+        attempts,
+        Duration::from_secs(1),
+        shutdown.clone(),
+    ));
+    tasks.spawn(janitor::run(
+        store.clone(),
+        Duration::from_secs(60),
+        shutdown.clone(),
+    ));
     let grpc_shutdown = shutdown.clone();
     tasks.spawn(async move {
         if let Err(e) = grpc.await {

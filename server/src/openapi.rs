@@ -28,8 +28,8 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::LazyLock;
 
 use prost_reflect::{
-    DescriptorPool, DynamicMessage, EnumDescriptor, FieldDescriptor, FileDescriptor, Kind, MessageDescriptor,
-    MethodDescriptor,
+    DescriptorPool, DynamicMessage, EnumDescriptor, FieldDescriptor, FileDescriptor, Kind,
+    MessageDescriptor, MethodDescriptor,
 };
 use serde_json::{Map, Value, json};
 
@@ -81,10 +81,10 @@ fn build(pool: &DescriptorPool) -> Value {
                 continue;
             }
             let file = service.parent_file();
-            if let Some(doc) = generator.comments.get(&file, &SYNTAX_PATH) {
-                if !descriptions.contains(&doc) {
-                    descriptions.push(doc);
-                }
+            if let Some(doc) = generator.comments.get(&file, &SYNTAX_PATH)
+                && !descriptions.contains(&doc)
+            {
+                descriptions.push(doc);
             }
             let mut tag = json!({ "name": service.name() });
             if let Some(doc) = generator.comments.get(&file, service.path()) {
@@ -99,7 +99,8 @@ fn build(pool: &DescriptorPool) -> Value {
                         0 => method.name().to_owned(),
                         _ => format!("{}{}", method.name(), i + 1),
                     };
-                    let (path, operation) = generator.operation(&method, binding, operation_id, service.name());
+                    let (path, operation) =
+                        generator.operation(&method, binding, operation_id, service.name());
                     let item = paths.entry(path).or_insert_with(|| json!({}));
                     item[binding.verb] = operation;
                 }
@@ -144,10 +145,14 @@ struct Binding {
 /// The rule and its `additional_bindings`.
 fn bindings(rule: &DynamicMessage) -> Vec<Binding> {
     let mut out: Vec<Binding> = binding(rule).into_iter().collect();
-    if let Some(extra) = rule.get_field_by_name("additional_bindings") {
-        if let Some(list) = extra.as_list() {
-            out.extend(list.iter().filter_map(|v| v.as_message()).filter_map(binding));
-        }
+    if let Some(extra) = rule.get_field_by_name("additional_bindings")
+        && let Some(list) = extra.as_list()
+    {
+        out.extend(
+            list.iter()
+                .filter_map(|v| v.as_message())
+                .filter_map(binding),
+        );
     }
     out
 }
@@ -162,7 +167,10 @@ fn binding(rule: &DynamicMessage) -> Option<Binding> {
             let custom = rule.get_field_by_name("custom")?;
             let custom = custom.as_message()?;
             let kind = string_field(custom, "kind").to_ascii_lowercase();
-            let verb = VERBS.iter().chain(CUSTOM_VERBS.iter()).find(|verb| **verb == kind)?;
+            let verb = VERBS
+                .iter()
+                .chain(CUSTOM_VERBS.iter())
+                .find(|verb| **verb == kind)?;
             (*verb, string_field(custom, "path"))
         }
     };
@@ -257,7 +265,10 @@ fn join_docs(first: Option<String>, second: Option<String>) -> Option<String> {
 /// more to it, the whole comment as description.
 fn summary_and_description(doc: &str) -> (String, Option<String>) {
     let first_paragraph = doc.split("\n\n").next().unwrap_or_default();
-    let flat = first_paragraph.split_whitespace().collect::<Vec<_>>().join(" ");
+    let flat = first_paragraph
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
     let summary = match flat.find(". ") {
         Some(end) => flat[..=end].to_owned(),
         None => flat,
@@ -272,11 +283,15 @@ fn scalar_schema(kind: &Kind) -> Value {
     match kind {
         Kind::Double => json!({ "type": "number", "format": "double" }),
         Kind::Float => json!({ "type": "number", "format": "float" }),
-        Kind::Int32 | Kind::Sint32 | Kind::Sfixed32 => json!({ "type": "integer", "format": "int32" }),
+        Kind::Int32 | Kind::Sint32 | Kind::Sfixed32 => {
+            json!({ "type": "integer", "format": "int32" })
+        }
         Kind::Uint32 | Kind::Fixed32 => {
             json!({ "type": "integer", "format": "int64", "minimum": 0, "maximum": u32::MAX })
         }
-        Kind::Int64 | Kind::Sint64 | Kind::Sfixed64 => json!({ "type": "string", "format": "int64" }),
+        Kind::Int64 | Kind::Sint64 | Kind::Sfixed64 => {
+            json!({ "type": "string", "format": "int64" })
+        }
         Kind::Uint64 | Kind::Fixed64 => json!({ "type": "string", "format": "uint64" }),
         Kind::Bool => json!({ "type": "boolean" }),
         Kind::String => json!({ "type": "string" }),
@@ -290,7 +305,7 @@ fn enum_schema(enumeration: &EnumDescriptor) -> Value {
     if enumeration.full_name() == "google.protobuf.NullValue" {
         return json!({ "description": "Always `null`." });
     }
-    let names: Vec<&str> = enumeration.values().map(|v| v.name()).collect();
+    let names: Vec<String> = enumeration.values().map(|v| v.name().to_owned()).collect();
     json!({ "type": "string", "enum": names })
 }
 
@@ -337,7 +352,8 @@ fn is_query_scalar(message: &MessageDescriptor) -> bool {
     matches!(
         message.full_name(),
         "google.protobuf.Timestamp" | "google.protobuf.Duration" | "google.protobuf.FieldMask"
-    ) || (message.full_name().starts_with("google.protobuf.") && message.name().ends_with("Value")
+    ) || (message.full_name().starts_with("google.protobuf.")
+        && message.name().ends_with("Value")
         && !matches!(message.name(), "Value" | "ListValue"))
 }
 
@@ -404,7 +420,9 @@ impl Comments {
     }
 
     fn get(&self, file: &FileDescriptor, path: &[i32]) -> Option<String> {
-        self.0.get(&(file.name().to_owned(), path.to_vec())).cloned()
+        self.0
+            .get(&(file.name().to_owned(), path.to_vec()))
+            .cloned()
     }
 }
 
@@ -417,7 +435,10 @@ fn clean_comment(raw: &str) -> String {
         .map(|l| l.len() - l.trim_start().len())
         .min()
         .unwrap_or(0);
-    let lines: Vec<&str> = lines.iter().map(|l| l.get(indent..).unwrap_or_default()).collect();
+    let lines: Vec<&str> = lines
+        .iter()
+        .map(|l| l.get(indent..).unwrap_or_default())
+        .collect();
     lines.join("\n").trim_matches('\n').to_owned()
 }
 
@@ -472,7 +493,10 @@ impl Generator {
         for field in message.fields() {
             let (schema, mut description) = self.field_parts(&field);
             if let Some(oneof) = field.containing_oneof().filter(|o| !o.is_synthetic()) {
-                let members: Vec<String> = oneof.fields().map(|f| format!("`{}`", f.json_name())).collect();
+                let members: Vec<String> = oneof
+                    .fields()
+                    .map(|f| format!("`{}`", f.json_name()))
+                    .collect();
                 let note = format!(
                     "Member of the oneof `{}`: at most one of {} is set.",
                     oneof.name(),
@@ -480,7 +504,10 @@ impl Generator {
                 );
                 description = join_docs(description, Some(note));
             }
-            properties.insert(field.json_name().to_owned(), annotate(schema, description, is_deprecated(&field)));
+            properties.insert(
+                field.json_name().to_owned(),
+                annotate(schema, description, is_deprecated(&field)),
+            );
         }
         let mut schema = json!({ "type": "object", "properties": properties });
         if let Some(doc) = self.comments.get(&message.parent_file(), message.path()) {
@@ -495,10 +522,14 @@ impl Generator {
         let (schema, element) = match &kind {
             Kind::Message(entry) if field.is_map() => {
                 let value = entry.map_entry_value_field().kind();
-                let schema = json!({ "type": "object", "additionalProperties": self.kind_schema(&value) });
+                let schema =
+                    json!({ "type": "object", "additionalProperties": self.kind_schema(&value) });
                 (schema, value)
             }
-            _ if field.is_list() => (json!({ "type": "array", "items": self.kind_schema(&kind) }), kind.clone()),
+            _ if field.is_list() => (
+                json!({ "type": "array", "items": self.kind_schema(&kind) }),
+                kind.clone(),
+            ),
             _ => (self.kind_schema(&kind), kind.clone()),
         };
         let mut description = self.comments.get(&field.parent_file(), field.path());
@@ -515,7 +546,9 @@ impl Generator {
 
     /// The enum's comment and one line per commented value.
     fn enum_doc(&self, enumeration: &EnumDescriptor) -> Option<String> {
-        let doc = self.comments.get(&enumeration.parent_file(), enumeration.path());
+        let doc = self
+            .comments
+            .get(&enumeration.parent_file(), enumeration.path());
         let values: Vec<String> = enumeration
             .values()
             .filter_map(|value| {
@@ -562,7 +595,8 @@ impl Generator {
                 Some(field) => self.field_parts(&field),
                 None => (json!({ "type": "string" }), None),
             };
-            let mut parameter = json!({ "name": var, "in": "path", "required": true, "schema": schema });
+            let mut parameter =
+                json!({ "name": var, "in": "path", "required": true, "schema": schema });
             if let Some(description) = description {
                 parameter["description"] = description.into();
             }
@@ -573,7 +607,11 @@ impl Generator {
         let body_schema = match binding.body.as_str() {
             "" => None,
             "*" => {
-                let in_path: HashSet<&str> = vars.iter().filter(|v| !v.contains('.')).map(String::as_str).collect();
+                let in_path: HashSet<&str> = vars
+                    .iter()
+                    .filter(|v| !v.contains('.'))
+                    .map(String::as_str)
+                    .collect();
                 if in_path.is_empty() {
                     Some(self.message_ref(&input))
                 } else {
@@ -666,21 +704,24 @@ impl Generator {
                 continue;
             }
             let name = format!("{json_prefix}{}", field.json_name());
-            if let Kind::Message(inner) = field.kind() {
-                if !is_query_scalar(&inner) {
-                    let skip = field.is_list()
-                        || well_known(&inner).is_some()
-                        || stack.iter().any(|seen| seen == inner.full_name());
-                    if !skip {
-                        stack.push(inner.full_name().to_owned());
-                        self.query_parameters(&inner, &format!("{name}."), &format!("{proto_path}."), bound, stack, out);
-                        stack.pop();
-                    }
-                    continue;
+            if let Kind::Message(inner) = field.kind()
+                && !is_query_scalar(&inner)
+            {
+                let skip = field.is_list()
+                    || well_known(&inner).is_some()
+                    || stack.iter().any(|seen| seen == inner.full_name());
+                if !skip {
+                    stack.push(inner.full_name().to_owned());
+                    let (json_prefix, proto_prefix) =
+                        (format!("{name}."), format!("{proto_path}."));
+                    self.query_parameters(&inner, &json_prefix, &proto_prefix, bound, stack, out);
+                    stack.pop();
                 }
+                continue;
             }
             let (schema, description) = self.field_parts(&field);
-            let mut parameter = json!({ "name": name, "in": "query", "required": false, "schema": schema });
+            let mut parameter =
+                json!({ "name": name, "in": "query", "required": false, "schema": schema });
             if let Some(description) = description {
                 parameter["description"] = description.into();
             }
@@ -724,9 +765,19 @@ mod tests {
         assert_eq!(doc["info"]["title"], "orchestrator");
         assert_eq!(doc["info"]["version"], env!("CARGO_PKG_VERSION"));
         let paths = doc["paths"].as_object().unwrap();
+        assert!(
+            !paths.is_empty(),
+            "FILE_DESCRIPTOR_SET carries no google.api.http options: build.rs must write \
+             protox's Compiler::encode_file_descriptor_set(), which keeps extension options"
+        );
         let mut listed: Vec<(String, Vec<String>)> = paths
             .iter()
-            .map(|(path, item)| (path.clone(), item.as_object().unwrap().keys().cloned().collect()))
+            .map(|(path, item)| {
+                (
+                    path.clone(),
+                    item.as_object().unwrap().keys().cloned().collect(),
+                )
+            })
             .collect();
         listed.sort();
         let expected = [
@@ -750,9 +801,16 @@ mod tests {
         .iter()
         .map(|op| &op["operationId"])
         .collect();
-        assert_eq!(ids, ["SubmitJob", "ListJobs", "GetJob", "CancelJob", "WatchJob"]);
+        assert_eq!(
+            ids,
+            ["SubmitJob", "ListJobs", "GetJob", "CancelJob", "WatchJob"]
+        );
         assert_eq!(doc["tags"][0]["name"], "JobService");
-        assert_eq!(doc["tags"].as_array().unwrap().len(), 1, "WorkerService has no HTTP rules");
+        assert_eq!(
+            doc["tags"].as_array().unwrap().len(),
+            1,
+            "WorkerService has no HTTP rules"
+        );
     }
 
     #[test]
@@ -773,8 +831,16 @@ mod tests {
             submit["responses"]["default"]["content"]["application/json"]["schema"]["$ref"],
             "#/components/schemas/google.rpc.Status"
         );
-        assert_eq!(submit["summary"], "Create a job and dispatch it to its queue.");
-        assert!(submit["description"].as_str().unwrap().contains("retried until it succeeds"));
+        assert_eq!(
+            submit["summary"],
+            "Create a job and dispatch it to its queue."
+        );
+        assert!(
+            submit["description"]
+                .as_str()
+                .unwrap()
+                .contains("retried until it succeeds")
+        );
         let request = schema(&doc, "orchestrator.v1.SubmitJobRequest");
         assert_eq!(request["properties"]["maxAttempts"]["type"], "integer");
         assert_eq!(request["properties"]["timeout"]["type"], "string");
@@ -785,7 +851,12 @@ mod tests {
         let doc = document();
         let job = schema(&doc, "orchestrator.v1.Job");
         assert_eq!(job["type"], "object");
-        assert!(job["description"].as_str().unwrap().starts_with("A unit of background work"));
+        assert!(
+            job["description"]
+                .as_str()
+                .unwrap()
+                .starts_with("A unit of background work")
+        );
         let props = &job["properties"];
         assert_eq!(props["id"]["type"], "string");
         assert_eq!(props["id"]["description"], "Server-generated UUID v4.");
@@ -796,10 +867,22 @@ mod tests {
             .iter()
             .map(|v| v.as_str().unwrap())
             .collect();
-        for state in ["CREATED", "RUNNING", "COMPLETED", "FAILED", "CANCELLED", "RETRYING"] {
+        for state in [
+            "CREATED",
+            "RUNNING",
+            "COMPLETED",
+            "FAILED",
+            "CANCELLED",
+            "RETRYING",
+        ] {
             assert!(states.contains(&state), "{state} missing from {states:?}");
         }
-        assert!(props["state"]["description"].as_str().unwrap().contains("- `RETRYING`: "));
+        assert!(
+            props["state"]["description"]
+                .as_str()
+                .unwrap()
+                .contains("- `RETRYING`: ")
+        );
         assert_eq!(props["maxAttempts"]["type"], "integer");
         assert_eq!(props["createdAt"]["type"], "string");
         assert_eq!(props["createdAt"]["format"], "date-time");
@@ -807,16 +890,28 @@ mod tests {
         assert_eq!(props["labels"]["type"], "object");
         assert_eq!(props["labels"]["additionalProperties"]["type"], "string");
         assert_eq!(props["history"]["type"], "array");
-        assert_eq!(props["history"]["items"]["$ref"], "#/components/schemas/orchestrator.v1.Transition");
+        assert_eq!(
+            props["history"]["items"]["$ref"],
+            "#/components/schemas/orchestrator.v1.Transition"
+        );
         assert_eq!(props["timeout"]["example"], "1.5s");
         assert_eq!(
             props["retry"]["allOf"][0]["$ref"],
             "#/components/schemas/orchestrator.v1.RetryPolicy"
         );
         assert!(props.get("max_attempts").is_none(), "json names only");
-        assert_eq!(schema(&doc, "orchestrator.v1.RetryPolicy")["properties"]["multiplier"]["type"], "number");
-        for unreachable in ["orchestrator.v1.DispatchMessage", "orchestrator.v1.StartAttemptRequest"] {
-            assert!(doc["components"]["schemas"].get(unreachable).is_none(), "{unreachable}");
+        assert_eq!(
+            schema(&doc, "orchestrator.v1.RetryPolicy")["properties"]["multiplier"]["type"],
+            "number"
+        );
+        for unreachable in [
+            "orchestrator.v1.DispatchMessage",
+            "orchestrator.v1.StartAttemptRequest",
+        ] {
+            assert!(
+                doc["components"]["schemas"].get(unreachable).is_none(),
+                "{unreachable}"
+            );
         }
     }
 
@@ -835,14 +930,30 @@ mod tests {
         let state = param(list, "state");
         assert_eq!(state["in"], "query");
         assert_eq!(state["schema"]["type"], "string");
-        assert!(state["schema"]["enum"].as_array().unwrap().contains(&json!("RUNNING")));
+        assert!(
+            state["schema"]["enum"]
+                .as_array()
+                .unwrap()
+                .contains(&json!("RUNNING"))
+        );
         assert_eq!(param(list, "pageSize")["schema"]["type"], "integer");
 
-        for (path, verb) in [("/jobs/{job_id}", "get"), ("/jobs/{job_id}", "delete"), ("/jobs/{job_id}:watch", "get")] {
+        for (path, verb) in [
+            ("/jobs/{job_id}", "get"),
+            ("/jobs/{job_id}", "delete"),
+            ("/jobs/{job_id}:watch", "get"),
+        ] {
             let operation = &doc["paths"][path][verb];
             let id = param(operation, "job_id");
-            assert_eq!((id["in"].as_str(), id["required"].as_bool()), (Some("path"), Some(true)));
-            assert_eq!(operation["parameters"].as_array().unwrap().len(), 1, "{path} {verb}");
+            assert_eq!(
+                (id["in"].as_str(), id["required"].as_bool()),
+                (Some("path"), Some(true))
+            );
+            assert_eq!(
+                operation["parameters"].as_array().unwrap().len(),
+                1,
+                "{path} {verb}"
+            );
         }
     }
 
@@ -851,8 +962,14 @@ mod tests {
         let doc = document();
         let ok = &doc["paths"]["/jobs/{job_id}:watch"]["get"]["responses"]["200"];
         let line = &ok["content"]["application/x-ndjson"]["schema"];
-        assert_eq!(line["properties"]["result"]["$ref"], "#/components/schemas/orchestrator.v1.Job");
-        assert_eq!(line["properties"]["error"]["$ref"], "#/components/schemas/google.rpc.Status");
+        assert_eq!(
+            line["properties"]["result"]["$ref"],
+            "#/components/schemas/orchestrator.v1.Job"
+        );
+        assert_eq!(
+            line["properties"]["error"]["$ref"],
+            "#/components/schemas/google.rpc.Status"
+        );
         let status = schema(&doc, "google.rpc.Status");
         assert_eq!(status["properties"]["code"]["type"], "integer");
         assert_eq!(status["properties"]["message"]["type"], "string");
@@ -881,17 +998,45 @@ mod tests {
             let name = target
                 .strip_prefix("#/components/schemas/")
                 .unwrap_or_else(|| panic!("unexpected $ref {target}"));
-            assert!(doc["components"]["schemas"].get(name).is_some(), "dangling $ref {target}");
+            assert!(
+                doc["components"]["schemas"].get(name).is_some(),
+                "dangling $ref {target}"
+            );
         }
+    }
+
+    #[test]
+    fn openapi_oneofs_are_noted() {
+        let pool = DescriptorPool::decode(orchestrator::proto::FILE_DESCRIPTOR_SET).unwrap();
+        let finish = pool
+            .get_message_by_name("orchestrator.v1.FinishAttemptRequest")
+            .unwrap();
+        let mut generator = Generator::new(&pool);
+        let schema = generator.message_schema(&finish);
+        let completed = &schema["properties"]["completed"];
+        assert_eq!(completed["type"], "object");
+        let description = completed["description"].as_str().unwrap();
+        assert!(description.starts_with("The handler succeeded with this result."));
+        assert!(description.contains("oneof `outcome`"), "{description}");
+        assert_eq!(
+            schema["properties"]["failed"]["allOf"][0]["$ref"],
+            "#/components/schemas/orchestrator.v1.AttemptFailure"
+        );
     }
 
     #[test]
     fn openapi_templates_and_comments() {
         assert_eq!(
             parse_template("/v1/{name=shelves/*}/books/{book.id}:move"),
-            ("/v1/{name}/books/{book.id}:move".to_owned(), vec!["name".to_owned(), "book.id".to_owned()])
+            (
+                "/v1/{name}/books/{book.id}:move".to_owned(),
+                vec!["name".to_owned(), "book.id".to_owned()]
+            )
         );
-        assert_eq!(clean_comment(" Line one.\n   indented\n"), "Line one.\n  indented");
+        assert_eq!(
+            clean_comment(" Line one.\n   indented\n"),
+            "Line one.\n  indented"
+        );
         let (summary, description) = summary_and_description("Read one job.");
         assert_eq!((summary.as_str(), description), ("Read one job.", None));
     }

@@ -82,7 +82,8 @@ enum StreamLine<'a> {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status = StatusCode::from_u16(http_status(self.code)).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let status = StatusCode::from_u16(http_status(self.code))
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let body = ErrorBody {
             code: self.code as i32,
             message: &self.message,
@@ -95,7 +96,8 @@ impl IntoResponse for ApiError {
 type ApiResult = Result<Response, ApiError>;
 
 fn json<T: Serialize>(value: &T) -> ApiResult {
-    let bytes = serde_json::to_vec(value).map_err(|e| ApiError::new(Code::Internal, e.to_string()))?;
+    let bytes =
+        serde_json::to_vec(value).map_err(|e| ApiError::new(Code::Internal, e.to_string()))?;
     Ok(([(header::CONTENT_TYPE, "application/json")], bytes).into_response())
 }
 
@@ -110,7 +112,10 @@ fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     })
 }
 
-async fn submit_job(State(state): State<RestState>, body: Result<Bytes, BytesRejection>) -> ApiResult {
+async fn submit_job(
+    State(state): State<RestState>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult {
     let body = body_bytes(body)?;
     let request: SubmitJobRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::new(Code::InvalidArgument, format!("invalid JSON body: {e}")))?;
@@ -177,19 +182,29 @@ fn list_request(params: &[(String, String)]) -> Result<ListJobsRequest, ApiError
             "queue" => req.queue = value.clone(),
             "pageSize" | "page_size" => {
                 req.page_size = value.parse().map_err(|_| {
-                    ApiError::from(Error::invalid("page_size", format!("must be a whole number, got {value:?}")))
+                    ApiError::from(Error::invalid(
+                        "page_size",
+                        format!("must be a whole number, got {value:?}"),
+                    ))
                 })?;
             }
             "pageToken" | "page_token" => req.page_token = value.clone(),
             other => {
-                return Err(Error::invalid(other, "is not a parameter of ListJobs (state, kind, queue, pageSize, pageToken)").into());
+                return Err(Error::invalid(
+                    other,
+                    "is not a parameter of ListJobs (state, kind, queue, pageSize, pageToken)",
+                )
+                .into());
             }
         }
     }
     Ok(req)
 }
 
-async fn list_jobs(State(state): State<RestState>, Query(params): Query<Vec<(String, String)>>) -> ApiResult {
+async fn list_jobs(
+    State(state): State<RestState>,
+    Query(params): Query<Vec<(String, String)>>,
+) -> ApiResult {
     let request = list_request(&params)?;
     json(&state.service.list(request).await?)
 }
@@ -197,16 +212,23 @@ async fn list_jobs(State(state): State<RestState>, Query(params): Query<Vec<(Str
 async fn healthz(State(state): State<RestState>) -> Response {
     let serving = state.health.is_serving();
     let mut body: HashMap<&str, String> = HashMap::new();
-    body.insert("status", if serving { "SERVING" } else { "NOT_SERVING" }.to_owned());
+    body.insert(
+        "status",
+        if serving { "SERVING" } else { "NOT_SERVING" }.to_owned(),
+    );
     if !serving {
         body.insert("detail", state.health.detail());
     }
-    let status = if serving { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if serving {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (status, Json(body)).into_response()
 }
 
 async fn openapi() -> Response {
-    Json(serde_json::json!({})).into_response() // OPENAPI
+    Json(crate::openapi::document()).into_response()
 }
 
 async fn no_route() -> ApiError {
@@ -218,16 +240,29 @@ mod tests {
     use super::*;
 
     fn params(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
     fn list_parameters_accept_both_spellings() {
-        let req = list_request(&params(&[("state", "running"), ("pageSize", "5"), ("page_token", "t")])).unwrap();
+        let req = list_request(&params(&[
+            ("state", "running"),
+            ("pageSize", "5"),
+            ("page_token", "t"),
+        ]))
+        .unwrap();
         assert_eq!(req.state, job::State::Running as i32);
         assert_eq!(req.page_size, 5);
         assert_eq!(req.page_token, "t");
-        let req = list_request(&params(&[("state", "COMPLETED"), ("page_size", "7"), ("kind", "sleep")])).unwrap();
+        let req = list_request(&params(&[
+            ("state", "COMPLETED"),
+            ("page_size", "7"),
+            ("kind", "sleep"),
+        ]))
+        .unwrap();
         assert_eq!(req.state, job::State::Completed as i32);
         assert_eq!((req.page_size, req.kind.as_str()), (7, "sleep"));
     }

@@ -103,7 +103,8 @@ impl JobService {
         let id = validate::job_id(job_id)?;
         for _ in 0..MAX_CAS_RETRIES {
             let job = self.get(job_id).await?;
-            let current = job_state(&job).ok_or_else(|| Error::Internal("job without state".into()))?;
+            let current =
+                job_state(&job).ok_or_else(|| Error::Internal("job without state".into()))?;
             let now = now_ms();
             let change = match current {
                 State::Cancelled => return Ok(job),
@@ -127,7 +128,14 @@ impl JobService {
                         expect: Some(current),
                         to: Some(State::Cancelled),
                         at_ms: now,
-                        history: Some(transition(current, State::Cancelled, now, job.attempt, "cancelled by user", "")),
+                        history: Some(transition(
+                            current,
+                            State::Cancelled,
+                            now,
+                            job.attempt,
+                            "cancelled by user",
+                            "",
+                        )),
                         error: Some("cancelled by user".into()),
                         finished: true,
                         next_attempt_ms: Some(None),

@@ -8,8 +8,8 @@ use std::time::Duration;
 use common::{TestServer, eventually, fresh_queue, next_dispatch, spec};
 use orchestrator::proto::v1::start_attempt_response::Decision;
 use orchestrator::proto::v1::{
-    CancelJobRequest, FinishAttemptRequest, GetJobRequest, Job, ListJobsRequest, StartAttemptRequest,
-    SubmitJobRequest, WatchJobRequest, finish_attempt_request::Outcome, job,
+    CancelJobRequest, FinishAttemptRequest, GetJobRequest, Job, ListJobsRequest,
+    StartAttemptRequest, SubmitJobRequest, WatchJobRequest, finish_attempt_request::Outcome, job,
 };
 use serde_json::{Value, json};
 use tokio_stream::StreamExt;
@@ -29,13 +29,23 @@ async fn post(server: &TestServer, path: &str, body: &str) -> (u16, Value) {
 }
 
 async fn get(server: &TestServer, path: &str) -> (u16, Value) {
-    let resp = server.http_client.get(server.url(path)).send().await.expect("request");
+    let resp = server
+        .http_client
+        .get(server.url(path))
+        .send()
+        .await
+        .expect("request");
     let status = resp.status().as_u16();
     (status, resp.json().await.unwrap_or(Value::Null))
 }
 
 async fn delete(server: &TestServer, path: &str) -> (u16, Value) {
-    let resp = server.http_client.delete(server.url(path)).send().await.expect("request");
+    let resp = server
+        .http_client
+        .delete(server.url(path))
+        .send()
+        .await
+        .expect("request");
     let status = resp.status().as_u16();
     (status, resp.json().await.unwrap_or(Value::Null))
 }
@@ -95,7 +105,10 @@ async fn rest_submit_get_list_and_cancel() {
     assert_eq!(job["labels"]["team"], "infra");
     assert_eq!(job["retry"]["initialBackoff"], "2s");
     assert_eq!(job["timeout"], "30s");
-    assert!(job["createdAt"].as_str().unwrap().starts_with("20"), "RFC 3339: {job}");
+    assert!(
+        job["createdAt"].as_str().unwrap().starts_with("20"),
+        "RFC 3339: {job}"
+    );
     assert_eq!(job["history"][0]["to"], "CREATED");
 
     let (status, fetched) = get(&server, &format!("/jobs/{id}")).await;
@@ -121,7 +134,10 @@ async fn rest_submit_get_list_and_cancel() {
     assert_eq!(again, cancelled);
 
     let (status, page) = get(&server, &format!("/jobs?queue={queue}&state=CREATED")).await;
-    assert_eq!((status, page["jobs"].as_array().map_or(0, Vec::len)), (200, 0));
+    assert_eq!(
+        (status, page["jobs"].as_array().map_or(0, Vec::len)),
+        (200, 0)
+    );
     server.stop().await;
 }
 
@@ -129,10 +145,17 @@ async fn rest_submit_get_list_and_cancel() {
 async fn submit_stores_then_publishes_a_persistent_dispatch() {
     let server = TestServer::start().await;
     let queue = fresh_queue();
-    let job = server.jobs().await.submit_job(spec("echo", &queue)).await.unwrap().into_inner();
-    let (msg, delivery_mode) = next_dispatch(&server.config.amqp_url, &queue, Duration::from_secs(20))
+    let job = server
+        .jobs()
         .await
-        .expect("the job is published");
+        .submit_job(spec("echo", &queue))
+        .await
+        .unwrap()
+        .into_inner();
+    let (msg, delivery_mode) =
+        next_dispatch(&server.config.amqp_url, &queue, Duration::from_secs(20))
+            .await
+            .expect("the job is published");
     assert_eq!(msg.job_id, job.id);
     assert_eq!(msg.kind, "echo");
     assert_eq!(msg.queue, queue);
@@ -140,7 +163,11 @@ async fn submit_stores_then_publishes_a_persistent_dispatch() {
     assert_eq!(delivery_mode, 2, "persistent");
     // Published exactly once: the due entry was cleared on the confirm.
     tokio::time::sleep(Duration::from_secs(6)).await;
-    assert!(next_dispatch(&server.config.amqp_url, &queue, Duration::from_millis(200)).await.is_none());
+    assert!(
+        next_dispatch(&server.config.amqp_url, &queue, Duration::from_millis(200))
+            .await
+            .is_none()
+    );
     server.stop().await;
 }
 
@@ -152,7 +179,11 @@ async fn grpc_list_pages_newest_first_and_filters() {
     let mut ids = Vec::new();
     for i in 0..7 {
         let kind = if i % 2 == 0 { "even" } else { "odd" };
-        let job = client.submit_job(spec(kind, &queue)).await.unwrap().into_inner();
+        let job = client
+            .submit_job(spec(kind, &queue))
+            .await
+            .unwrap()
+            .into_inner();
         ids.push(job.id);
         // Distinct creation times make the order observable.
         tokio::time::sleep(Duration::from_millis(3)).await;
@@ -251,7 +282,11 @@ async fn racing_starts_and_cancels_have_exactly_one_winner() {
     let mut client = server.jobs().await;
     let workers = server.workers().await;
     for round in 0..5 {
-        let job = client.submit_job(spec("sleep", &fresh_queue())).await.unwrap().into_inner();
+        let job = client
+            .submit_job(spec("sleep", &fresh_queue()))
+            .await
+            .unwrap()
+            .into_inner();
         let starts = (0..16).map(|i| {
             let mut w = workers.clone();
             let id = job.id.clone();
@@ -271,11 +306,19 @@ async fn racing_starts_and_cancels_have_exactly_one_winner() {
             let id = job.id.clone();
             async move { c.cancel_job(CancelJobRequest { job_id: id }).await.is_ok() }
         });
-        let (started, cancelled) = tokio::join!(futures::future::join_all(starts), futures::future::join_all(cancels));
-        assert!(cancelled.iter().all(|ok| *ok), "cancel never fails on CREATED/RUNNING");
+        let (started, cancelled) = tokio::join!(
+            futures::future::join_all(starts),
+            futures::future::join_all(cancels)
+        );
+        assert!(
+            cancelled.iter().all(|ok| *ok),
+            "cancel never fails on CREATED/RUNNING"
+        );
         let runs = started.iter().filter(|ok| **ok).count();
         let after = client
-            .get_job(GetJobRequest { job_id: job.id.clone() })
+            .get_job(GetJobRequest {
+                job_id: job.id.clone(),
+            })
             .await
             .unwrap()
             .into_inner();
@@ -284,10 +327,17 @@ async fn racing_starts_and_cancels_have_exactly_one_winner() {
             .iter()
             .filter(|t| t.from == job::State::Created as i32)
             .collect();
-        assert_eq!(out_of_created.len(), 1, "round {round}: one transition leaves CREATED: {after:?}");
+        assert_eq!(
+            out_of_created.len(),
+            1,
+            "round {round}: one transition leaves CREATED: {after:?}"
+        );
         if after.state == job::State::Running as i32 {
             assert_eq!(runs, 1);
-            assert!(after.cancel_requested, "the cancels that came later asked the worker to stop");
+            assert!(
+                after.cancel_requested,
+                "the cancels that came later asked the worker to stop"
+            );
         } else {
             assert_eq!(after.state, job::State::Cancelled as i32);
             assert!(runs <= 1);
@@ -306,7 +356,11 @@ async fn cancel_semantics_by_state() {
     let queue = fresh_queue();
 
     // RUNNING: the state stays, cancel_requested is set.
-    let running = client.submit_job(spec("sleep", &queue)).await.unwrap().into_inner();
+    let running = client
+        .submit_job(spec("sleep", &queue))
+        .await
+        .unwrap()
+        .into_inner();
     let mut workers = server.workers().await;
     let started = workers
         .start_attempt(StartAttemptRequest {
@@ -319,7 +373,9 @@ async fn cancel_semantics_by_state() {
         .into_inner();
     assert_eq!(started.decision, Decision::Run as i32);
     let after = client
-        .cancel_job(CancelJobRequest { job_id: running.id.clone() })
+        .cancel_job(CancelJobRequest {
+            job_id: running.id.clone(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -327,11 +383,17 @@ async fn cancel_semantics_by_state() {
     assert!(after.cancel_requested);
 
     // COMPLETED: FAILED_PRECONDITION over gRPC, 400 over REST, nothing changes.
-    let done = client.submit_job(spec("echo", &queue)).await.unwrap().into_inner();
+    let done = client
+        .submit_job(spec("echo", &queue))
+        .await
+        .unwrap()
+        .into_inner();
     let completed = complete(&server, &done.id).await;
     assert_eq!(completed.state, job::State::Completed as i32);
     let err = client
-        .cancel_job(CancelJobRequest { job_id: done.id.clone() })
+        .cancel_job(CancelJobRequest {
+            job_id: done.id.clone(),
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
@@ -341,7 +403,11 @@ async fn cancel_semantics_by_state() {
     assert_eq!(body["code"], 9);
     assert!(body["message"].as_str().unwrap().contains("COMPLETED"));
     assert_eq!(body["details"], json!([]));
-    let unchanged = client.get_job(GetJobRequest { job_id: done.id }).await.unwrap().into_inner();
+    let unchanged = client
+        .get_job(GetJobRequest { job_id: done.id })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(unchanged, completed);
     server.stop().await;
 }
@@ -359,18 +425,62 @@ async fn rest_bad_input_is_rejected_and_changes_nothing() {
     let big = "x".repeat(2000);
     let cases: Vec<(String, u16, &str)> = vec![
         ("{not json".into(), 400, "invalid JSON"),
-        (json!({"kind": "sleep", "queue": queue, "colour": "red"}).to_string(), 400, "unknown field `colour`"),
-        (json!({"kind": "sleep", "queue": queue, "maxAttempts": "many"}).to_string(), 400, "invalid JSON"),
-        (json!({"kind": 7, "queue": queue}).to_string(), 400, "invalid JSON"),
-        (json!({"kind": "", "queue": queue}).to_string(), 400, "invalid kind"),
+        (
+            json!({"kind": "sleep", "queue": queue, "colour": "red"}).to_string(),
+            400,
+            "unknown field `colour`",
+        ),
+        (
+            json!({"kind": "sleep", "queue": queue, "maxAttempts": "many"}).to_string(),
+            400,
+            "invalid JSON",
+        ),
+        (
+            json!({"kind": 7, "queue": queue}).to_string(),
+            400,
+            "invalid JSON",
+        ),
+        (
+            json!({"kind": "", "queue": queue}).to_string(),
+            400,
+            "invalid kind",
+        ),
         (json!({"queue": queue}).to_string(), 400, "invalid kind"),
-        (json!({"kind": "Not A Kind", "queue": queue}).to_string(), 400, "invalid kind"),
-        (json!({"kind": "sleep", "queue": queue, "maxAttempts": 101}).to_string(), 400, "invalid max_attempts"),
-        (json!({"kind": "sleep", "queue": queue, "payload": {"blob": big}}).to_string(), 400, "invalid payload"),
-        (json!({"kind": "sleep", "queue": queue, "payload": [1, 2]}).to_string(), 400, "invalid JSON"),
-        (json!({"kind": "sleep", "queue": queue, "retry": {"multiplier": 0.5}}).to_string(), 400, "retry.multiplier"),
-        (json!({"kind": "sleep", "queue": queue, "timeout": "soon"}).to_string(), 400, "invalid JSON"),
-        (json!({"kind": "sleep", "queue": "Bad Queue"}).to_string(), 400, "invalid queue"),
+        (
+            json!({"kind": "Not A Kind", "queue": queue}).to_string(),
+            400,
+            "invalid kind",
+        ),
+        (
+            json!({"kind": "sleep", "queue": queue, "maxAttempts": 101}).to_string(),
+            400,
+            "invalid max_attempts",
+        ),
+        (
+            json!({"kind": "sleep", "queue": queue, "payload": {"blob": big}}).to_string(),
+            400,
+            "invalid payload",
+        ),
+        (
+            json!({"kind": "sleep", "queue": queue, "payload": [1, 2]}).to_string(),
+            400,
+            "invalid JSON",
+        ),
+        (
+            json!({"kind": "sleep", "queue": queue, "retry": {"multiplier": 0.5}}).to_string(),
+            400,
+            "retry.multiplier",
+        ),
+        (
+            json!({"kind": "sleep", "queue": queue, "timeout": "soon"}).to_string(),
+            400,
+            "invalid JSON",
+        ),
+        (
+            json!({"kind": "sleep", "queue": "Bad Queue"}).to_string(),
+            400,
+            "invalid queue",
+        ),
     ];
     for (body, want_status, want_message) in cases {
         let (status, err) = post(&server, "/jobs", &body).await;
@@ -389,7 +499,12 @@ async fn rest_bad_input_is_rejected_and_changes_nothing() {
     let unknown = uuid::Uuid::new_v4();
     let (status, err) = get(&server, &format!("/jobs/{unknown}")).await;
     assert_eq!((status, err["code"].as_i64()), (404, Some(5)));
-    assert!(err["message"].as_str().unwrap().contains(&unknown.to_string()));
+    assert!(
+        err["message"]
+            .as_str()
+            .unwrap()
+            .contains(&unknown.to_string())
+    );
     let (status, _) = delete(&server, &format!("/jobs/{unknown}")).await;
     assert_eq!(status, 404);
     let (status, err) = get(&server, "/jobs?state=SLEEPING").await;
@@ -412,7 +527,13 @@ async fn grpc_bad_input_is_rejected_and_changes_nothing() {
         (spec("", &queue), "kind"),
         (spec("UPPER", &queue), "kind"),
         (spec("sleep", "white space"), "queue"),
-        (SubmitJobRequest { max_attempts: 1000, ..spec("sleep", &queue) }, "max_attempts"),
+        (
+            SubmitJobRequest {
+                max_attempts: 1000,
+                ..spec("sleep", &queue)
+            },
+            "max_attempts",
+        ),
         (
             SubmitJobRequest {
                 idempotency_key: "k".repeat(300),
@@ -429,27 +550,39 @@ async fn grpc_bad_input_is_rejected_and_changes_nothing() {
     assert_eq!(jobs_on(&server, &queue).await, 0);
 
     let err = client
-        .get_job(GetJobRequest { job_id: "42".into() })
+        .get_job(GetJobRequest {
+            job_id: "42".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     let err = client
-        .get_job(GetJobRequest { job_id: uuid::Uuid::new_v4().to_string() })
+        .get_job(GetJobRequest {
+            job_id: uuid::Uuid::new_v4().to_string(),
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     let err = client
-        .cancel_job(CancelJobRequest { job_id: String::new() })
+        .cancel_job(CancelJobRequest {
+            job_id: String::new(),
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     let err = client
-        .list_jobs(ListJobsRequest { page_size: 1001, ..Default::default() })
+        .list_jobs(ListJobsRequest {
+            page_size: 1001,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     let err = client
-        .list_jobs(ListJobsRequest { state: 99, ..Default::default() })
+        .list_jobs(ListJobsRequest {
+            state: 99,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
@@ -460,9 +593,15 @@ async fn grpc_bad_input_is_rejected_and_changes_nothing() {
 async fn watch_streams_the_snapshot_then_changes_until_terminal() {
     let server = TestServer::start().await;
     let mut client = server.jobs().await;
-    let job = client.submit_job(spec("sleep", &fresh_queue())).await.unwrap().into_inner();
+    let job = client
+        .submit_job(spec("sleep", &fresh_queue()))
+        .await
+        .unwrap()
+        .into_inner();
     let mut stream = client
-        .watch_job(WatchJobRequest { job_id: job.id.clone() })
+        .watch_job(WatchJobRequest {
+            job_id: job.id.clone(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -479,7 +618,11 @@ async fn watch_streams_the_snapshot_then_changes_until_terminal() {
         .await
         .unwrap()
         .into_inner();
-    let running = tokio::time::timeout(Duration::from_secs(5), stream.next()).await.unwrap().unwrap().unwrap();
+    let running = tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert_eq!(running.state, job::State::Running as i32);
     workers
         .finish_attempt(FinishAttemptRequest {
@@ -489,9 +632,15 @@ async fn watch_streams_the_snapshot_then_changes_until_terminal() {
         })
         .await
         .unwrap();
-    let done = tokio::time::timeout(Duration::from_secs(5), stream.next()).await.unwrap().unwrap().unwrap();
+    let done = tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert_eq!(done.state, job::State::Completed as i32);
-    let end = tokio::time::timeout(Duration::from_secs(5), stream.next()).await.unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .unwrap();
     assert!(end.is_none(), "the stream ends after a terminal state");
 
     // REST: newline-delimited {"result": job} lines, ending at the terminal state.
@@ -503,7 +652,10 @@ async fn watch_streams_the_snapshot_then_changes_until_terminal() {
         .unwrap();
     assert_eq!(resp.status().as_u16(), 200);
     let text = resp.text().await.unwrap();
-    let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 1);
     assert_eq!(lines[0]["result"]["state"], "COMPLETED");
     let err = client
@@ -527,10 +679,13 @@ async fn health_follows_the_dependencies() {
         let mut h = health.clone();
         async move {
             let resp = h
-                .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: String::new(),
+                })
                 .await
                 .ok()?;
-            (resp.into_inner().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32)
+            (resp.into_inner().status
+                == tonic_health::pb::health_check_response::ServingStatus::Serving as i32)
                 .then_some(())
         }
     })
@@ -541,13 +696,19 @@ async fn health_follows_the_dependencies() {
 
     // Point orchd at a Redis that is not there: NOT_SERVING and 503.
     let dead = format!("redis://127.0.0.1:{}/", orchestrator_testkit::free_port());
-    let config = orchestrator_server::ServeConfig::local(dead, orchestrator_testkit::shared_amqp_url());
+    let config =
+        orchestrator_server::ServeConfig::local(dead, orchestrator_testkit::shared_amqp_url());
     let server = TestServer::with_config(config).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (status, body) = get(&server, "/healthz").await;
     assert_eq!(status, 503, "{body}");
     assert!(body["detail"].as_str().unwrap().contains("redis"));
-    let err = server.jobs().await.submit_job(spec("echo", "default")).await.unwrap_err();
+    let err = server
+        .jobs()
+        .await
+        .submit_job(spec("echo", "default"))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable);
     server.stop().await;
 }
@@ -570,7 +731,11 @@ async fn openapi_document_describes_the_routes() {
 async fn completed_jobs_keep_their_result() {
     let server = TestServer::start().await;
     let mut client = server.jobs().await;
-    let job = client.submit_job(spec("echo", &fresh_queue())).await.unwrap().into_inner();
+    let job = client
+        .submit_job(spec("echo", &fresh_queue()))
+        .await
+        .unwrap()
+        .into_inner();
     let done = complete(&server, &job.id).await;
     assert_eq!(done.state, job::State::Completed as i32);
     assert_eq!(done.attempt, 1);
@@ -578,8 +743,73 @@ async fn completed_jobs_keep_their_result() {
     let states: Vec<i32> = done.history.iter().map(|t| t.to).collect();
     assert_eq!(
         states,
-        [job::State::Created as i32, job::State::Running as i32, job::State::Completed as i32]
+        [
+            job::State::Created as i32,
+            job::State::Running as i32,
+            job::State::Completed as i32
+        ]
     );
     assert_eq!(done.history[1].worker_id, "test-worker");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn reflection_v1_and_v1alpha_list_the_services() {
+    use tonic_reflection::pb::{v1, v1alpha};
+    let server = TestServer::start().await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", server.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+
+    let mut client = v1::server_reflection_client::ServerReflectionClient::new(channel.clone());
+    let request = v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
+    };
+    let mut replies = client
+        .server_reflection_info(tokio_stream::iter(vec![request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        replies.next().await.unwrap().unwrap().message_response
+    else {
+        panic!("expected a service list");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for want in [
+        "orchestrator.v1.JobService",
+        "orchestrator.v1.WorkerService",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            names.iter().any(|n| n == want),
+            "{want} missing from {names:?}"
+        );
+    }
+
+    let mut client = v1alpha::server_reflection_client::ServerReflectionClient::new(channel);
+    let request = v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            v1alpha::server_reflection_request::MessageRequest::FileContainingSymbol(
+                "orchestrator.v1.JobService".into(),
+            ),
+        ),
+    };
+    let mut replies = client
+        .server_reflection_info(tokio_stream::iter(vec![request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let reply = replies.next().await.unwrap().unwrap().message_response;
+    assert!(
+        matches!(reply, Some(v1alpha::server_reflection_response::MessageResponse::FileDescriptorResponse(ref f)) if !f.file_descriptor_proto.is_empty()),
+        "{reply:?}"
+    );
     server.stop().await;
 }

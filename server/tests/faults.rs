@@ -9,7 +9,9 @@ use std::time::Duration;
 use common::{TestServer, eventually, fresh_queue, next_dispatch, spec};
 use orchestrator::proto::v1::GetJobRequest;
 use orchestrator_server::ServeConfig;
-use orchestrator_testkit::{RabbitServer, RedisServer, shared_amqp_url, shared_redis_url, unique_name};
+use orchestrator_testkit::{
+    RabbitServer, RedisServer, shared_amqp_url, shared_redis_url, unique_name,
+};
 use tonic::Code;
 
 /// Injects: RabbitMQ killed (SIGKILL) before a submit, restarted after.
@@ -17,7 +19,9 @@ use tonic::Code;
 /// is back the outbox publishes it without any client action.
 #[tokio::test]
 async fn outbox_publishes_jobs_accepted_while_rabbitmq_was_down() {
-    let mut rabbit = tokio::task::spawn_blocking(RabbitServer::start).await.unwrap();
+    let mut rabbit = tokio::task::spawn_blocking(RabbitServer::start)
+        .await
+        .unwrap();
     let mut config = ServeConfig::local(shared_redis_url(), rabbit.url());
     config.redis_prefix = format!("{}:", unique_name("t"));
     let server = TestServer::with_config(config).await;
@@ -25,8 +29,14 @@ async fn outbox_publishes_jobs_accepted_while_rabbitmq_was_down() {
     let queue = fresh_queue();
 
     // Warm up: a publish works while the broker is up.
-    let before = client.submit_job(spec("echo", &queue)).await.unwrap().into_inner();
-    let (msg, _) = next_dispatch(&rabbit.url(), &queue, Duration::from_secs(30)).await.expect("published");
+    let before = client
+        .submit_job(spec("echo", &queue))
+        .await
+        .unwrap()
+        .into_inner();
+    let (msg, _) = next_dispatch(&rabbit.url(), &queue, Duration::from_secs(30))
+        .await
+        .expect("published");
     assert_eq!(msg.job_id, before.id);
 
     let mut rabbit = tokio::task::spawn_blocking(move || {
@@ -35,9 +45,15 @@ async fn outbox_publishes_jobs_accepted_while_rabbitmq_was_down() {
     })
     .await
     .unwrap();
-    let during = client.submit_job(spec("echo", &queue)).await.expect("accepted while the broker is down").into_inner();
+    let during = client
+        .submit_job(spec("echo", &queue))
+        .await
+        .expect("accepted while the broker is down")
+        .into_inner();
     let stored = client
-        .get_job(GetJobRequest { job_id: during.id.clone() })
+        .get_job(GetJobRequest {
+            job_id: during.id.clone(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -71,12 +87,18 @@ async fn outbox_publishes_jobs_accepted_while_rabbitmq_was_down() {
 /// orchd restart, and the job accepted before the crash is still there.
 #[tokio::test]
 async fn orchd_rides_out_a_redis_restart() {
-    let redis = tokio::task::spawn_blocking(RedisServer::start).await.unwrap();
+    let redis = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
     let config = ServeConfig::local(redis.url(), shared_amqp_url());
     let server = TestServer::with_config(config).await;
     let mut client = server.jobs().await;
     let queue = fresh_queue();
-    let before = client.submit_job(spec("echo", &queue)).await.unwrap().into_inner();
+    let before = client
+        .submit_job(spec("echo", &queue))
+        .await
+        .unwrap()
+        .into_inner();
 
     let mut redis = redis;
     redis.kill();
@@ -84,14 +106,25 @@ async fn orchd_rides_out_a_redis_restart() {
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     redis.start_again();
 
-    let after = eventually("a submit after the restart", Duration::from_secs(30), || {
-        let mut c = client.clone();
-        let q = queue.clone();
-        async move { c.submit_job(spec("echo", &q)).await.ok().map(|r| r.into_inner()) }
-    })
+    let after = eventually(
+        "a submit after the restart",
+        Duration::from_secs(30),
+        || {
+            let mut c = client.clone();
+            let q = queue.clone();
+            async move {
+                c.submit_job(spec("echo", &q))
+                    .await
+                    .ok()
+                    .map(|r| r.into_inner())
+            }
+        },
+    )
     .await;
     let survived = client
-        .get_job(GetJobRequest { job_id: before.id.clone() })
+        .get_job(GetJobRequest {
+            job_id: before.id.clone(),
+        })
         .await
         .expect("the job accepted before the crash survived")
         .into_inner();

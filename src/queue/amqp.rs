@@ -12,7 +12,7 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 use tokio::sync::Mutex;
 
-use super::{message, topology, JobQueue};
+use super::{JobQueue, message, topology};
 use crate::error::{Error, Result};
 use crate::proto::v1::DispatchMessage;
 
@@ -73,7 +73,9 @@ impl AmqpQueue {
         if live.is_none() {
             let connection = connect(&self.url, "orchd-publisher").await?;
             let channel = connection.create_channel().await?;
-            channel.confirm_select(ConfirmSelectOptions::default()).await?;
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await?;
             topology::declare_base(&channel).await?;
             tracing::info!("connected to rabbitmq");
             *live = Some(Live {
@@ -133,10 +135,15 @@ impl JobQueue for AmqpQueue {
                 // Unroutable: the queue vanished (deleted by an operator).
                 // Declare it again on the next publish.
                 self.reset().await;
-                Err(unavailable(format!("queue {:?} was not routable", msg.queue)))
+                Err(unavailable(format!(
+                    "queue {:?} was not routable",
+                    msg.queue
+                )))
             }
             Ok(Confirmation::Nack(_)) => Err(unavailable("broker refused the message (nack)")),
-            Ok(Confirmation::NotRequested) => Err(Error::Internal("publisher confirms are off".into())),
+            Ok(Confirmation::NotRequested) => {
+                Err(Error::Internal("publisher confirms are off".into()))
+            }
             Err(e) => {
                 self.reset().await;
                 Err(e.into())
@@ -145,6 +152,8 @@ impl JobQueue for AmqpQueue {
     }
 
     async fn ping(&self) -> Result<()> {
-        self.channel_for(crate::job::DEFAULT_QUEUE).await.map(|_| ())
+        self.channel_for(crate::job::DEFAULT_QUEUE)
+            .await
+            .map(|_| ())
     }
 }

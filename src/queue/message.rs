@@ -27,7 +27,8 @@ pub fn encode(message: &DispatchMessage) -> Vec<u8> {
 
 /// Decodes and checks a dispatch; returns the message and its job id.
 pub fn decode(bytes: &[u8]) -> Result<(DispatchMessage, Uuid), DecodeError> {
-    let message = DispatchMessage::decode(bytes).map_err(|e| DecodeError::Encoding(e.to_string()))?;
+    let message =
+        DispatchMessage::decode(bytes).map_err(|e| DecodeError::Encoding(e.to_string()))?;
     let id = Uuid::try_parse(&message.job_id)
         .ok()
         .filter(|_| message.job_id.len() == 36)
@@ -54,14 +55,26 @@ mod tests {
 
     #[test]
     fn garbage_and_bad_ids_are_rejected() {
-        assert!(matches!(decode(b"\xff\xff\xff"), Err(DecodeError::Encoding(_))));
-        assert!(matches!(decode(b"{\"job_id\":1}"), Err(DecodeError::Encoding(_))));
+        assert!(matches!(
+            decode(b"\xff\xff\xff"),
+            Err(DecodeError::Encoding(_))
+        ));
+        assert!(matches!(
+            decode(b"{\"job_id\":1}"),
+            Err(DecodeError::Encoding(_))
+        ));
         let empty = DispatchMessage::default();
-        assert!(matches!(decode(&encode(&empty)), Err(DecodeError::JobId(_))));
+        assert!(matches!(
+            decode(&encode(&empty)),
+            Err(DecodeError::JobId(_))
+        ));
         let bad = DispatchMessage {
             job_id: "not-a-uuid".into(),
             ..DispatchMessage::default()
         };
-        assert_eq!(decode(&encode(&bad)), Err(DecodeError::JobId("not-a-uuid".into())));
+        assert_eq!(
+            decode(&encode(&bad)),
+            Err(DecodeError::JobId("not-a-uuid".into()))
+        );
     }
 }

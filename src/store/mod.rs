@@ -170,7 +170,12 @@ pub trait JobStore: Send + Sync + 'static {
 
     /// Claims up to `limit` jobs due at `now_ms` until `claim_until_ms`.
     /// Entries of jobs that no longer need a dispatch are dropped.
-    async fn claim_due(&self, now_ms: i64, claim_until_ms: i64, limit: usize) -> Result<Vec<DueJob>>;
+    async fn claim_due(
+        &self,
+        now_ms: i64,
+        claim_until_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<DueJob>>;
 
     /// Removes a job from the due-set once its message is confirmed, unless
     /// it was re-scheduled since `claim`.

@@ -252,10 +252,11 @@ impl RedisStore {
         }
         let mut pipe = redis::pipe();
         for id in ids {
-            pipe.hgetall(self.job_key(id)).lrange(self.hist_key(id), 0, -1);
+            pipe.hgetall(self.job_key(id))
+                .lrange(self.hist_key(id), 0, -1);
         }
         let mut conn = self.conn.clone();
-        let replies: Vec<(Vec<(String, Vec<u8>)>, Vec<Vec<u8>>)> = {
+        let replies: Vec<(Fields, Vec<Vec<u8>>)> = {
             let raw: Vec<Value> = pipe.query_async(&mut conn).await?;
             raw.chunks(2)
                 .map(|pair| {
@@ -277,6 +278,9 @@ impl RedisStore {
             .collect()
     }
 }
+
+/// A job hash as HGETALL returns it.
+type Fields = Vec<(String, Vec<u8>)>;
 
 struct Filter {
     state: Option<State>,
@@ -362,7 +366,8 @@ fn decode_job(fields: Vec<(String, Vec<u8>)>, history: Vec<Vec<u8>>) -> Result<J
 
 fn decode_apply_reply(reply: Value) -> Result<Applied> {
     let items: Vec<Value> = redis::from_redis_value(reply)?;
-    let code: i64 = redis::from_redis_value_ref(items.first().ok_or_else(|| corrupt("empty reply"))?)?;
+    let code: i64 =
+        redis::from_redis_value_ref(items.first().ok_or_else(|| corrupt("empty reply"))?)?;
     match code {
         1 => {
             let fields: Vec<(String, Vec<u8>)> = redis::from_redis_value_ref(&items[1])?;
@@ -444,7 +449,8 @@ impl JobStore for RedisStore {
             }))),
             0 => {
                 let existing: String = redis::from_redis_value_ref(&reply[1])?;
-                let existing_id = Uuid::try_parse(&existing).map_err(|_| corrupt("idempotency key"))?;
+                let existing_id =
+                    Uuid::try_parse(&existing).map_err(|_| corrupt("idempotency key"))?;
                 match self.get(existing_id).await? {
                     Some(job) => Ok(Created::Existing(Box::new(job))),
                     None => Err(Error::Conflict(format!(
@@ -523,7 +529,8 @@ impl JobStore for RedisStore {
 
     async fn apply(&self, id: Uuid, change: &Change) -> Result<Applied> {
         let id_str = id.to_string();
-        let mut set: Vec<(&str, Vec<u8>)> = vec![("updated", change.at_ms.to_string().into_bytes())];
+        let mut set: Vec<(&str, Vec<u8>)> =
+            vec![("updated", change.at_ms.to_string().into_bytes())];
         let mut del: Vec<&str> = Vec::new();
         if let Some(attempt) = change.attempt {
             set.push(("attempt", attempt.to_string().into_bytes()));
@@ -589,10 +596,21 @@ impl JobStore for RedisStore {
             .key(self.key(&["retention"]))
             .arg(change.expect.map(State::as_str).unwrap_or(""))
             .arg(change.expect_lease.as_deref().unwrap_or(""))
-            .arg(change.expect_lease_expired_by.map(|ms| ms.to_string()).unwrap_or_default())
+            .arg(
+                change
+                    .expect_lease_expired_by
+                    .map(|ms| ms.to_string())
+                    .unwrap_or_default(),
+            )
             .arg(change.to.map(State::as_str).unwrap_or(""))
             .arg(self.key(&["idx:state:"]))
-            .arg(change.history.as_ref().map(Message::encode_to_vec).unwrap_or_default())
+            .arg(
+                change
+                    .history
+                    .as_ref()
+                    .map(Message::encode_to_vec)
+                    .unwrap_or_default(),
+            )
             .arg(due_arg)
             .arg(lease_arg)
             .arg(retention_arg)
@@ -609,7 +627,12 @@ impl JobStore for RedisStore {
         decode_apply_reply(reply)
     }
 
-    async fn claim_due(&self, now_ms: i64, claim_until_ms: i64, limit: usize) -> Result<Vec<DueJob>> {
+    async fn claim_due(
+        &self,
+        now_ms: i64,
+        claim_until_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<DueJob>> {
         let mut conn = self.conn.clone();
         let rows: Vec<(String, String, String, String)> = self
             .scripts
@@ -651,7 +674,13 @@ impl JobStore for RedisStore {
     async fn expired_leases(&self, now_ms: i64, limit: usize) -> Result<Vec<ExpiredLease>> {
         let mut conn = self.conn.clone();
         let rows: Vec<(String, f64)> = conn
-            .zrangebyscore_limit_withscores(self.key(&["leases"]), "-inf", now_ms, 0, limit as isize)
+            .zrangebyscore_limit_withscores(
+                self.key(&["leases"]),
+                "-inf",
+                now_ms,
+                0,
+                limit as isize,
+            )
             .await?;
         Ok(rows
             .into_iter()
@@ -680,7 +709,9 @@ impl JobStore for RedisStore {
 
     async fn changes(&self, id: Uuid) -> Result<BoxStream<'static, ()>> {
         let mut pubsub = self.client.get_async_pubsub().await?;
-        pubsub.subscribe(self.key(&["ev:", &id.to_string()])).await?;
+        pubsub
+            .subscribe(self.key(&["ev:", &id.to_string()]))
+            .await?;
         Ok(pubsub.into_on_message().map(|_| ()).boxed())
     }
 

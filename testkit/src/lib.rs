@@ -129,9 +129,9 @@ fn non_empty_env(name: &str) -> Option<String> {
 
 /// A fresh name `PREFIX-xxxxxxxxxx` (ten random lowercase letters and
 /// digits) for per-test isolation: Redis key prefixes, queue and exchange
-/// names, consumer tags. Names never repeat within a process and are
-/// unlikely to repeat across processes. An empty prefix gives just the
-/// random part.
+/// names, consumer tags. The suffix carries about 51 random bits, so two
+/// calls (in one process or in concurrent ones) practically never collide.
+/// An empty prefix gives just the random part.
 pub fn unique_name(prefix: &str) -> String {
     const ALPHABET: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
     let mut n = random_u64();
@@ -876,6 +876,10 @@ impl RabbitServer {
                 .unwrap_or_else(|e| panic!("chmod {}: {e}", path.display()));
         }
         write("rabbitmq-env.conf", "");
+        write(
+            "inetrc",
+            "{host, {127,0,0,1}, [\"localhost\"]}.\n{lookup, [file, native]}.\n",
+        );
         write("enabled_plugins", "[].\n");
         write(
             "rabbitmq.conf",
@@ -905,6 +909,8 @@ impl RabbitServer {
             .env("ERL_EPMD_PORT", self.epmd_port.to_string())
             .env("ERL_EPMD_ADDRESS", "127.0.0.1")
             .env("ERL_CRASH_DUMP", dir.join("log/erl_crash.dump"))
+            // Resolve "localhost" inside Erlang, even where /etc/hosts lacks it.
+            .env("ERL_INETRC", dir.join("inetrc"))
             .env("RABBITMQ_NODENAME", &self.node)
             .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
             .env("RABBITMQ_NODE_PORT", self.amqp_port.to_string())

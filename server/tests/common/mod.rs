@@ -98,15 +98,24 @@ pub fn fresh_queue() -> String {
 
 /// Takes the next dispatch from job queue `queue` on the broker at
 /// `amqp_url`, waiting up to `timeout` for one to arrive.
-pub async fn next_dispatch(amqp_url: &str, queue: &str, timeout: Duration) -> Option<(DispatchMessage, u8)> {
+pub async fn next_dispatch(
+    amqp_url: &str,
+    queue: &str,
+    timeout: Duration,
+) -> Option<(DispatchMessage, u8)> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         if let Ok(conn) = orchestrator::queue::amqp::connect(amqp_url, "test-reader").await {
             let channel = conn.create_channel().await.expect("channel");
             topology::declare_base(&channel).await.expect("topology");
-            topology::declare_job_queue(&channel, queue).await.expect("queue");
+            topology::declare_job_queue(&channel, queue)
+                .await
+                .expect("queue");
             let got = channel
-                .basic_get(topology::queue_name(queue).as_str().into(), BasicGetOptions { no_ack: true })
+                .basic_get(
+                    topology::queue_name(queue).as_str().into(),
+                    BasicGetOptions { no_ack: true },
+                )
                 .await
                 .expect("basic.get");
             if let Some(delivery) = got {
@@ -135,7 +144,10 @@ where
         if let Some(v) = f().await {
             return v;
         }
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
