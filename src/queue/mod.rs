@@ -6,6 +6,7 @@
 //! [`JobQueue`] trait.
 
 pub mod amqp;
+pub mod memory;
 pub mod message;
 pub mod topology;
 

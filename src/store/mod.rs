@@ -7,6 +7,7 @@
 //! the job is still in that state, atomically with the history entry, the
 //! index moves and the due-set update.
 
+pub mod embedded;
 pub mod redis;
 
 use async_trait::async_trait;

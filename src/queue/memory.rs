@@ -1,0 +1,163 @@
+//! An in-process queue for `orchd dev`: the same dispatch messages as on
+//! RabbitMQ, held in memory and handed to the in-process workers.
+//!
+//! Nothing here is durable, and nothing needs to be: the store's due-set is
+//! the record of what must be dispatched, and `orchd dev` re-dispatches
+//! every CREATED or RETRYING job when it starts.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use tokio::sync::Notify;
+
+use super::{JobQueue, message};
+use crate::error::Result;
+use crate::proto::v1::DispatchMessage;
+
+/// One message taken from the queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Received {
+    /// The job queue it came from.
+    pub queue: String,
+    /// The encoded dispatch.
+    pub body: Vec<u8>,
+}
+
+/// The in-process queue; cheap to clone, all clones share the messages.
+#[derive(Clone, Default)]
+pub struct MemoryQueue {
+    inner: Arc<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    queues: Mutex<HashMap<String, VecDeque<Vec<u8>>>>,
+    notify: Notify,
+}
+
+impl MemoryQueue {
+    /// An empty queue.
+    pub fn new() -> Self {
+        MemoryQueue::default()
+    }
+
+    /// Puts an encoded message on job queue `queue`.
+    pub fn push(&self, queue: &str, body: Vec<u8>) {
+        if let Ok(mut queues) = self.inner.queues.lock() {
+            queues.entry(queue.to_owned()).or_default().push_back(body);
+        }
+        self.inner.notify.notify_waiters();
+    }
+
+    fn try_take(&self, queues: &[String], start: usize) -> Option<Received> {
+        let mut all = self.inner.queues.lock().ok()?;
+        (0..queues.len()).find_map(|i| {
+            let name = &queues[(start + i) % queues.len()];
+            let body = all.get_mut(name)?.pop_front()?;
+            Some(Received {
+                queue: name.clone(),
+                body,
+            })
+        })
+    }
+
+    /// Waits for the next message on any of `queues`, taking them in turn so
+    /// that a busy queue does not starve the others.
+    pub async fn receive(&self, queues: &[String], turn: usize) -> Received {
+        loop {
+            // Register interest before looking, so a push in between wakes us.
+            let notified = self.inner.notify.notified();
+            if let Some(received) = self.try_take(queues, turn) {
+                return received;
+            }
+            notified.await;
+        }
+    }
+
+    /// How many messages wait on `queue`.
+    pub fn len(&self, queue: &str) -> usize {
+        self.inner
+            .queues
+            .lock()
+            .map(|q| q.get(queue).map_or(0, VecDeque::len))
+            .unwrap_or(0)
+    }
+
+    /// Whether no message waits on `queue`.
+    pub fn is_empty(&self, queue: &str) -> bool {
+        self.len(queue) == 0
+    }
+}
+
+#[async_trait]
+impl JobQueue for MemoryQueue {
+    async fn publish(&self, msg: &DispatchMessage) -> Result<()> {
+        self.push(&msg.queue, message::encode(msg));
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn msg(queue: &str, n: u32) -> DispatchMessage {
+        DispatchMessage {
+            job_id: uuid::Uuid::new_v4().to_string(),
+            queue: queue.into(),
+            attempt: n,
+            ..DispatchMessage::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn messages_come_out_in_order_per_queue() {
+        let q = MemoryQueue::new();
+        for n in 1..=3 {
+            q.publish(&msg("a", n)).await.unwrap();
+        }
+        let names = vec!["a".to_owned()];
+        for n in 1..=3 {
+            let got = q.receive(&names, 0).await;
+            let (decoded, _) = message::decode(&got.body).unwrap();
+            assert_eq!(decoded.attempt, n);
+        }
+        assert!(q.is_empty("a"));
+    }
+
+    #[tokio::test]
+    async fn a_waiting_receiver_wakes_on_publish_and_ignores_other_queues() {
+        let q = MemoryQueue::new();
+        let receiver = {
+            let q = q.clone();
+            tokio::spawn(async move { q.receive(&["b".to_owned()], 0).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        q.publish(&msg("a", 1)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!receiver.is_finished(), "a message on another queue is not taken");
+        q.publish(&msg("b", 2)).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(1), receiver).await.unwrap().unwrap();
+        assert_eq!(got.queue, "b");
+        assert_eq!(q.len("a"), 1);
+    }
+
+    #[tokio::test]
+    async fn turns_rotate_across_queues() {
+        let q = MemoryQueue::new();
+        for n in 0..2 {
+            q.publish(&msg("a", n)).await.unwrap();
+            q.publish(&msg("b", n)).await.unwrap();
+        }
+        let names = vec!["a".to_owned(), "b".to_owned()];
+        let first = q.receive(&names, 0).await.queue;
+        let second = q.receive(&names, 1).await.queue;
+        assert_eq!((first.as_str(), second.as_str()), ("a", "b"));
+    }
+}
