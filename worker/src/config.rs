@@ -22,7 +22,11 @@ pub struct WorkerConfig {
     pub server: String,
 
     /// The RabbitMQ that carries dispatches.
-    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
     pub amqp_url: String,
 
     /// Bearer token sent to orchd as `authorization: Bearer <token>`.
@@ -30,7 +34,12 @@ pub struct WorkerConfig {
     pub token: Option<String>,
 
     /// Job queues to consume, comma-separated (RabbitMQ queues `orch.q.<name>`).
-    #[arg(long, env = "ORCH_QUEUES", value_delimiter = ',', default_value = "default")]
+    #[arg(
+        long,
+        env = "ORCH_QUEUES",
+        value_delimiter = ',',
+        default_value = "default"
+    )]
     pub queues: Vec<String>,
 
     /// How many jobs run at once; also the RabbitMQ prefetch. Default: the
@@ -145,14 +154,21 @@ impl WorkerConfig {
             ));
         }
         if let Some(prefix) = &self.worker_id_prefix
-            && (prefix.is_empty() || prefix.len() > MAX_PREFIX_LEN || prefix.chars().any(|c| c.is_control()))
+            && (prefix.is_empty()
+                || prefix.len() > MAX_PREFIX_LEN
+                || prefix.chars().any(|c| c.is_control()))
         {
             return bad(format!(
                 "--worker-id must be 1..={MAX_PREFIX_LEN} printable characters"
             ));
         }
-        if !self.server.starts_with("http://") && !self.server.starts_with("https://") {
-            return bad(format!("--server must be an http:// or https:// URL, got {:?}", self.server));
+        // This build has no TLS client (no tonic TLS feature): refuse
+        // https:// up front rather than fail every call later.
+        if !self.server.starts_with("http://") {
+            return bad(format!(
+                "--server must be an http:// URL (TLS is not supported by this build), got {:?}",
+                self.server
+            ));
         }
         Ok(())
     }
@@ -178,7 +194,11 @@ fn host_name() -> String {
     nix::unistd::gethostname()
         .ok()
         .and_then(|h| h.into_string().ok())
-        .map(|h| h.chars().filter(|c| !c.is_control() && *c != ' ').collect::<String>())
+        .map(|h| {
+            h.chars()
+                .filter(|c| !c.is_control() && *c != ' ')
+                .collect::<String>()
+        })
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "worker".to_owned())
 }
@@ -195,8 +215,61 @@ mod tests {
         WorkerConfig::try_parse_from(argv)
     }
 
+    /// Every variable the command line reads.
+    const VARIABLES: &[&str] = &[
+        "ORCH_SERVER",
+        "AMQP_URL",
+        "ORCH_TOKEN",
+        "ORCH_QUEUES",
+        "ORCH_CONCURRENCY",
+        "ORCH_LEASE",
+        "ORCH_HEARTBEAT_INTERVAL",
+        "ORCH_CANCEL_POLL_INTERVAL",
+        "ORCH_CANCEL_GRACE",
+        "ORCH_DRAIN_TIMEOUT",
+        "ORCH_ENABLE_EXEC",
+        "ORCH_EXEC_KILL_GRACE",
+        "ORCH_WORKER_ID",
+        "ORCH_LOG_FORMAT",
+    ];
+
+    /// Runs the ignored test `name` of this module in a child process (this
+    /// test binary) whose environment has exactly `vars` of the worker's
+    /// variables. Setting variables in this process would need `unsafe` on
+    /// edition 2024 (the workspace forbids it) and would race other tests.
+    fn in_child(name: &str, vars: &[(&str, &str)]) {
+        let exe = std::env::current_exe().unwrap();
+        let mut command = std::process::Command::new(exe);
+        command.args([
+            "--exact",
+            &format!("config::tests::{name}"),
+            "--nocapture",
+            "--ignored",
+        ]);
+        for var in VARIABLES {
+            command.env_remove(var);
+        }
+        command.envs(vars.iter().copied());
+        let out = command.output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains("1 passed"), "{stdout}");
+    }
+
     #[test]
     fn defaults_match_the_documentation() {
+        in_child("defaults_child", &[]);
+    }
+
+    /// Run by `defaults_match_the_documentation` with none of the variables
+    /// set; ignored when run directly.
+    #[test]
+    #[ignore = "run by defaults_match_the_documentation in a clean environment"]
+    fn defaults_child() {
         let c = parse(&[]).unwrap();
         assert_eq!(c.server, "http://127.0.0.1:50051");
         assert_eq!(c.amqp_url, "amqp://guest:guest@127.0.0.1:5672/%2f");
@@ -242,7 +315,11 @@ mod tests {
         assert_eq!(c.queues, vec!["a", "b"]);
         assert_eq!(c.concurrency, 7);
         assert_eq!(c.lease, Duration::from_secs(60));
-        assert_eq!(c.tick_interval(), Duration::from_secs(10), "fast polling off");
+        assert_eq!(
+            c.tick_interval(),
+            Duration::from_secs(10),
+            "fast polling off"
+        );
         assert_eq!(c.drain_timeout, Duration::from_secs(2));
         assert!(c.enable_exec);
         assert_eq!(c.token.as_deref(), Some("s3cret"));
@@ -257,36 +334,37 @@ mod tests {
         assert!(parse(&["--lease", "soon"]).is_err());
         assert!(parse(&["--log-format", "xml"]).is_err());
         let mut c = parse(&["--lease", "2s", "--heartbeat-interval", "3s"]).unwrap();
-        assert!(c.validate().unwrap_err().to_string().contains("--heartbeat-interval"));
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("--heartbeat-interval")
+        );
         c = parse(&["--queues", "Bad Queue"]).unwrap();
         assert!(c.validate().is_err());
         c = parse(&["--server", "127.0.0.1:50051"]).unwrap();
         assert!(c.validate().unwrap_err().to_string().contains("--server"));
+        c = parse(&["--server", "https://orchd:50051"]).unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("TLS"));
     }
 
     #[test]
     fn environment_variables_are_fallbacks() {
-        // Setting variables in this process needs `unsafe` on edition 2024
-        // (the workspace forbids it) and would race other tests, so parse in
-        // a child process: this test binary, running only `env_child`.
-        let exe = std::env::current_exe().unwrap();
-        let out = std::process::Command::new(exe)
-            .args(["--exact", "config::tests::env_child", "--nocapture", "--ignored"])
-            .env("ORCH_SERVER", "http://orchd:50051")
-            .env("AMQP_URL", "amqp://rabbit:5672/%2f")
-            .env("ORCH_QUEUES", "emails,reports")
-            .env("ORCH_CONCURRENCY", "3")
-            .env("ORCH_ENABLE_EXEC", "true")
-            .env("ORCH_TOKEN", "tok")
-            .env("ORCH_LEASE", "45s")
-            .env("ORCH_HEARTBEAT_INTERVAL", "5s")
-            .env("ORCH_DRAIN_TIMEOUT", "1m")
-            .env("ORCH_LOG_FORMAT", "json")
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-        assert!(stdout.contains("1 passed"), "{stdout}");
+        in_child(
+            "env_child",
+            &[
+                ("ORCH_SERVER", "http://orchd:50051"),
+                ("AMQP_URL", "amqp://rabbit:5672/%2f"),
+                ("ORCH_QUEUES", "emails,reports"),
+                ("ORCH_CONCURRENCY", "3"),
+                ("ORCH_ENABLE_EXEC", "true"),
+                ("ORCH_TOKEN", "tok"),
+                ("ORCH_LEASE", "45s"),
+                ("ORCH_HEARTBEAT_INTERVAL", "5s"),
+                ("ORCH_DRAIN_TIMEOUT", "1m"),
+                ("ORCH_LOG_FORMAT", "json"),
+            ],
+        );
     }
 
     /// Run by `environment_variables_are_fallbacks` in a child process with

@@ -1,0 +1,332 @@
+//! Consuming dispatches from RabbitMQ: one connection and channel with
+//! manual acks and a prefetch of `--concurrency`, a consumer per job queue,
+//! reconnection with backoff (0.5s doubling to 10s) whenever the broker goes
+//! away, and what to do with each delivery:
+//!
+//! * undecodable → reject without requeue (it dead-letters to `orch.dead`);
+//! * StartAttempt says RUN → ack at once, then run the attempt (from then on
+//!   the lease, not the broker, protects the job);
+//! * DROP → ack; unknown job (NOT_FOUND) → reject without requeue;
+//! * orchd unreachable or failing → requeue after a backoff.
+//!
+//! Since a message is acked when its attempt starts, the prefetch does not
+//! bound how many jobs run: a semaphore of `--concurrency` permits does, and
+//! a delivery waits for a permit before StartAttempt. So up to
+//! `--concurrency` more messages per queue wait, unacked, in a busy worker;
+//! they go back to the queue if it dies or shuts down.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    BasicRejectOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection};
+use orchestrator::queue::{amqp, message, topology};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::attempt::{self, Shared, StartOutcome};
+
+/// What the consumer needs to know.
+#[derive(Debug, Clone)]
+pub(crate) struct ConsumerSettings {
+    pub amqp_url: String,
+    pub queues: Vec<String>,
+    /// Jobs run at once; also the prefetch.
+    pub concurrency: u16,
+    pub worker_id: String,
+}
+
+const RECONNECT_INITIAL: Duration = Duration::from_millis(500);
+const RECONNECT_MAX: Duration = Duration::from_secs(10);
+/// How long closing the broker connection may take on the way out.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Consumes until `shutdown`, then stops consuming and returns once every
+/// delivery taken is either running as an attempt (in `attempts`) or back
+/// with the broker.
+pub(crate) async fn consume(
+    shared: Arc<Shared>,
+    settings: ConsumerSettings,
+    attempts: TaskTracker,
+    shutdown: CancellationToken,
+) {
+    let consumer = Consumer {
+        slots: Arc::new(Semaphore::new(usize::from(settings.concurrency))),
+        shared,
+        settings,
+        attempts,
+        pending: TaskTracker::new(),
+        shutdown,
+    };
+    let mut failures = 0u32;
+    loop {
+        if consumer.shutdown.is_cancelled() {
+            break;
+        }
+        match consumer.session(&mut failures).await {
+            Ok(Ended::Shutdown) => break,
+            Ok(Ended::Lost(why)) => {
+                tracing::warn!(reason = %why, "rabbitmq consumer ended; reconnecting")
+            }
+            Err(e) => {
+                failures += 1;
+                tracing::warn!(error = %e, failures, "cannot consume from rabbitmq; retrying");
+            }
+        }
+        let wait = attempt::backoff(failures.max(1), RECONNECT_INITIAL, RECONNECT_MAX);
+        tokio::select! {
+            _ = consumer.shutdown.cancelled() => break,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+    // Deliveries of earlier, lost sessions may still be in StartAttempt;
+    // once they are done, no attempt can start any more.
+    consumer.pending.close();
+    consumer.pending.wait().await;
+}
+
+enum Ended {
+    Shutdown,
+    Lost(String),
+}
+
+/// The consuming side of the worker.
+struct Consumer {
+    shared: Arc<Shared>,
+    settings: ConsumerSettings,
+    /// One permit per job that may run at once.
+    slots: Arc<Semaphore>,
+    /// Running attempts.
+    attempts: TaskTracker,
+    /// Deliveries taken but not yet acked, rejected or handed back.
+    pending: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+impl Consumer {
+    /// Connects, declares, consumes; returns when the consumer ends.
+    async fn session(&self, failures: &mut u32) -> orchestrator::Result<Ended> {
+        let settings = &self.settings;
+        let setup = async {
+            let name = format!("orch-worker {}", settings.worker_id);
+            let connection = amqp::connect(&settings.amqp_url, &name).await?;
+            let channel = connection.create_channel().await?;
+            // Per consumer (global = false), the usual RabbitMQ meaning.
+            channel
+                .basic_qos(settings.concurrency, BasicQosOptions { global: false })
+                .await?;
+            topology::declare_base(&channel).await?;
+            let mut consumers = Vec::with_capacity(settings.queues.len());
+            for queue in &settings.queues {
+                topology::declare_job_queue(&channel, queue).await?;
+                let consumer = channel
+                    .basic_consume(
+                        topology::queue_name(queue).as_str().into(),
+                        format!("{}.{queue}", settings.worker_id).as_str().into(),
+                        BasicConsumeOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await?;
+                consumers.push(consumer);
+            }
+            Ok::<_, orchestrator::Error>((connection, channel, consumers))
+        };
+        let (connection, channel, consumers) = tokio::select! {
+            _ = self.shutdown.cancelled() => return Ok(Ended::Shutdown),
+            ready = setup => ready?,
+        };
+        *failures = 0;
+        tracing::info!(queues = ?settings.queues, prefetch = settings.concurrency, "consuming from rabbitmq");
+
+        let tags: Vec<_> = consumers.iter().map(|c| c.tag()).collect();
+        let mut deliveries = futures::stream::select_all(consumers);
+        // Fired when this session ends: deliveries still waiting for a slot
+        // give up (the broker requeues them when the channel closes or died).
+        let gone = CancellationToken::new();
+        let ended = loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => break Ended::Shutdown,
+                next = deliveries.next() => match next {
+                    Some(Ok(delivery)) => {
+                        let job = Delivered {
+                            shared: self.shared.clone(),
+                            slots: self.slots.clone(),
+                            attempts: self.attempts.clone(),
+                            gone: gone.clone(),
+                        };
+                        self.pending.spawn(job.handle(delivery));
+                    }
+                    Some(Err(e)) => break Ended::Lost(e.to_string()),
+                    None => break Ended::Lost("the broker cancelled the consumer".into()),
+                },
+            }
+        };
+        gone.cancel();
+        if matches!(ended, Ended::Shutdown) {
+            tracing::info!("stopping consumption");
+            stop_consuming(&channel, &tags).await;
+            // Let StartAttempt calls under way finish and ack on this
+            // channel before closing it.
+            self.pending.close();
+            self.pending.wait().await;
+        }
+        close(&connection, &channel).await;
+        Ok(ended)
+    }
+}
+
+/// Cancels the consumers so that no new message arrives.
+async fn stop_consuming(channel: &Channel, tags: &[lapin::types::ShortString]) {
+    for tag in tags {
+        let cancel = channel.basic_cancel(tag.clone(), BasicCancelOptions::default());
+        match tokio::time::timeout(CLOSE_TIMEOUT, cancel).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e, "cancelling a consumer failed"),
+            Err(_) => tracing::debug!("cancelling a consumer timed out"),
+        }
+    }
+}
+
+/// Closes the channel and connection; the broker requeues whatever this
+/// worker took and did not ack (prefetched messages).
+async fn close(connection: &Connection, channel: &Channel) {
+    let closing = async {
+        if channel.status().connected() {
+            let _ = channel.close(200, "bye".into()).await;
+        }
+        if connection.status().connected() {
+            let _ = connection.close(200, "bye".into()).await;
+        }
+    };
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, closing).await;
+}
+
+/// One delivery's handling, up to the ack.
+struct Delivered {
+    shared: Arc<Shared>,
+    slots: Arc<Semaphore>,
+    attempts: TaskTracker,
+    gone: CancellationToken,
+}
+
+impl Delivered {
+    async fn handle(self, delivery: Delivery) {
+        let (dispatch, _) = match message::decode(&delivery.data) {
+            Ok(decoded) => decoded,
+            Err(e) => {
+                tracing::warn!(
+                    error = %e,
+                    bytes = delivery.data.len(),
+                    routing_key = %delivery.routing_key,
+                    "malformed dispatch; rejecting it to the dead-letter queue"
+                );
+                reject(&delivery, None).await;
+                return;
+            }
+        };
+        let job_id = dispatch.job_id.clone();
+        // Wait for a free slot before StartAttempt, so an attempt only starts
+        // (and its lease only runs) when it can run.
+        let slot = tokio::select! {
+            slot = self.slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => return,
+            },
+            _ = self.gone.cancelled() => return,
+        };
+        if !delivery.acker.usable() {
+            // The channel died while the message waited; the broker has
+            // already put it back.
+            return;
+        }
+        match attempt::start(&self.shared, &dispatch).await {
+            StartOutcome::Run(started) => {
+                ack(&delivery, &job_id).await;
+                let shared = self.shared.clone();
+                self.attempts.spawn(run_holding(shared, *started, slot));
+            }
+            StartOutcome::Drop(reason) => {
+                tracing::info!(job_id = %job_id, reason = %reason, "orchd says drop this message");
+                ack(&delivery, &job_id).await;
+            }
+            StartOutcome::UnknownJob(message) => {
+                tracing::warn!(job_id = %job_id, error = %message, "dispatch for an unknown job; rejecting it to the dead-letter queue");
+                reject(&delivery, Some(&job_id)).await;
+            }
+            StartOutcome::Failed(status) => {
+                let wait = self.shared.start_backoff();
+                if crate::rpc::is_transient(status.code()) {
+                    tracing::warn!(
+                        job_id = %job_id,
+                        code = ?status.code(),
+                        error = %status.message(),
+                        retry_in = ?wait,
+                        "StartAttempt failed; the message goes back to the queue"
+                    );
+                } else {
+                    // INVALID_ARGUMENT (e.g. a --lease outside orchd's bounds),
+                    // UNAUTHENTICATED (--token): a setting of this worker is
+                    // wrong. Keep the message for a worker that is right.
+                    tracing::error!(
+                        job_id = %job_id,
+                        code = ?status.code(),
+                        error = %status.message(),
+                        retry_in = ?wait,
+                        "orchd refused StartAttempt; check this worker's settings; the message goes back to the queue"
+                    );
+                }
+                // Hold the message (and the slot) for a while, so that an
+                // unreachable orchd is not hit by a redelivery loop.
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = self.gone.cancelled() => return,
+                }
+                let requeue = BasicNackOptions {
+                    multiple: false,
+                    requeue: true,
+                };
+                if let Err(e) = delivery.acker.nack(requeue).await {
+                    tracing::debug!(job_id = %job_id, error = %e, "nack failed; the broker requeues on channel loss");
+                }
+            }
+        }
+    }
+}
+
+/// Runs an attempt, keeping its slot until it ends.
+async fn run_holding(shared: Arc<Shared>, started: attempt::Started, slot: OwnedSemaphorePermit) {
+    attempt::run(shared, started).await;
+    drop(slot);
+}
+
+async fn ack(delivery: &Delivery, job_id: &str) {
+    match delivery.acker.ack(BasicAckOptions::default()).await {
+        Ok(true) => {}
+        // A redelivery of this message will be dropped by orchd: the job is
+        // RUNNING under our live lease.
+        Ok(false) => tracing::warn!(
+            job_id = %job_id,
+            "could not ack (channel closed); a redelivery will be dropped"
+        ),
+        Err(e) => {
+            tracing::warn!(job_id = %job_id, error = %e, "ack failed; a redelivery will be dropped")
+        }
+    }
+}
+
+async fn reject(delivery: &Delivery, job_id: Option<&str>) {
+    if let Err(e) = delivery
+        .acker
+        .reject(BasicRejectOptions { requeue: false })
+        .await
+    {
+        tracing::warn!(job_id = job_id.unwrap_or(""), error = %e, "reject failed");
+    }
+}

@@ -1,0 +1,396 @@
+//! Leases of running attempts and the signals that stop them.
+//!
+//! Every running attempt is registered in [`Leases`] with its lease token
+//! and an [`AttemptControl`]: its handler's cancellation token plus why the
+//! worker asked it to stop. One heartbeat loop renews all leases with a
+//! single batched `Heartbeat` call and turns the answers into signals:
+//! `held = false` marks the attempt lost (stop, report nothing),
+//! `cancel_requested` stops it as cancelled by the user.
+//!
+//! Cancel polling: the protocol has no way to ask about cancellations
+//! without renewing leases, and a cancel must stop a job within about a
+//! second. So while attempts run, the loop sends its batched Heartbeat every
+//! `min(--heartbeat-interval, --cancel-poll-interval)` (250ms by default);
+//! each one also renews the leases, which is harmless. While nothing runs it
+//! sends nothing. `--cancel-poll-interval 0s` falls back to heartbeats every
+//! `--heartbeat-interval` (cancellations are then seen that late).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use orchestrator::job::duration_to_proto;
+use orchestrator::proto::v1::{HeartbeatRequest, Lease, LeaseStatus};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tonic::Code;
+
+use crate::rpc::{self, Client};
+
+/// Why the worker asked a handler to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StopReason {
+    /// A user cancelled the job: report `cancelled`.
+    CancelRequested,
+    /// The attempt ran past the job's timeout: report a retryable failure.
+    TimedOut(Duration),
+    /// The worker is shutting down and the drain timeout passed: report a
+    /// retryable failure so that another worker runs it.
+    Shutdown,
+}
+
+/// The stop signals of one running attempt.
+#[derive(Debug, Default)]
+pub(crate) struct AttemptControl {
+    /// The handler's cancellation token.
+    pub token: CancellationToken,
+    reason: Mutex<Option<StopReason>>,
+    lost: AtomicBool,
+}
+
+impl AttemptControl {
+    /// Asks the handler to stop. The first reason given is the one reported.
+    pub fn stop(&self, reason: StopReason) {
+        let mut current = self.reason.lock().unwrap_or_else(PoisonError::into_inner);
+        if current.is_none() {
+            *current = Some(reason);
+        }
+        drop(current);
+        self.token.cancel();
+    }
+
+    /// The lease is gone (another attempt may own the job now): stop the
+    /// handler and report nothing, whatever other reason there was.
+    pub fn lose(&self) {
+        self.lost.store(true, Ordering::SeqCst);
+        self.token.cancel();
+    }
+
+    /// Why the handler was asked to stop, if it was.
+    pub fn reason(&self) -> Option<StopReason> {
+        *self.reason.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether the lease was lost.
+    pub fn is_lost(&self) -> bool {
+        self.lost.load(Ordering::SeqCst)
+    }
+}
+
+struct Entry {
+    lease_token: String,
+    control: Arc<AttemptControl>,
+}
+
+/// The leases this worker holds, by job id.
+#[derive(Default)]
+pub(crate) struct Leases {
+    entries: Mutex<HashMap<String, Entry>>,
+    added: Notify,
+}
+
+/// One registered attempt, as the heartbeat loop sees it.
+#[derive(Clone)]
+pub(crate) struct Held {
+    pub job_id: String,
+    pub lease_token: String,
+    pub control: Arc<AttemptControl>,
+}
+
+impl Leases {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+        self.entries.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Registers a running attempt. An earlier attempt of the same job
+    /// still registered here has lost its lease for sure (orchd just gave the
+    /// job a new one), so it is marked lost.
+    pub fn insert(&self, job_id: &str, lease_token: &str, control: Arc<AttemptControl>) {
+        let replaced = self.lock().insert(
+            job_id.to_owned(),
+            Entry {
+                lease_token: lease_token.to_owned(),
+                control,
+            },
+        );
+        if let Some(old) = replaced.filter(|old| old.lease_token != lease_token) {
+            tracing::warn!(job_id = %job_id, "a new attempt of this job started here; abandoning the old one");
+            old.control.lose();
+        }
+        self.added.notify_one();
+    }
+
+    /// Unregisters an attempt (only if it still holds `lease_token`).
+    pub fn remove(&self, job_id: &str, lease_token: &str) {
+        let mut entries = self.lock();
+        if entries
+            .get(job_id)
+            .is_some_and(|e| e.lease_token == lease_token)
+        {
+            entries.remove(job_id);
+        }
+    }
+
+    /// Every registered attempt.
+    pub fn snapshot(&self) -> Vec<Held> {
+        self.lock()
+            .iter()
+            .map(|(job_id, e)| Held {
+                job_id: job_id.clone(),
+                lease_token: e.lease_token.clone(),
+                control: e.control.clone(),
+            })
+            .collect()
+    }
+
+    /// How many attempts are registered.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+/// Applies one Heartbeat answer to the attempts it was sent for.
+pub(crate) fn apply(sent: &[Held], statuses: &[LeaseStatus]) {
+    let by_job: HashMap<&str, &LeaseStatus> =
+        statuses.iter().map(|s| (s.job_id.as_str(), s)).collect();
+    for held in sent {
+        let Some(status) = by_job.get(held.job_id.as_str()) else {
+            // orchd answered for fewer leases than asked: try again next tick.
+            continue;
+        };
+        if !status.held {
+            if !held.control.is_lost() {
+                tracing::warn!(job_id = %held.job_id, "lease lost (expired or taken over); abandoning the attempt without reporting");
+            }
+            held.control.lose();
+        } else if status.cancel_requested {
+            if held.control.reason().is_none() {
+                tracing::info!(job_id = %held.job_id, "cancel requested; stopping the handler");
+            }
+            held.control.stop(StopReason::CancelRequested);
+        }
+    }
+}
+
+/// What the heartbeat loop needs to know.
+#[derive(Debug, Clone)]
+pub(crate) struct HeartbeatSettings {
+    pub worker_id: String,
+    /// Lease asked for on each renewal.
+    pub lease: Duration,
+    /// Interval between heartbeats while attempts run.
+    pub tick: Duration,
+}
+
+impl HeartbeatSettings {
+    /// Deadline of one Heartbeat call: well inside the lease, so that a hung
+    /// call is retried before the lease runs out.
+    fn call_timeout(&self) -> Duration {
+        (self.lease / 3).clamp(Duration::from_millis(500), rpc::CALL_TIMEOUT)
+    }
+}
+
+/// Renews the leases of all running attempts until `stop`.
+pub(crate) async fn run_heartbeats(
+    mut client: Client,
+    leases: Arc<Leases>,
+    settings: HeartbeatSettings,
+    stop: CancellationToken,
+) {
+    let mut failures: u32 = 0;
+    loop {
+        if leases.len() == 0 {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = leases.added.notified() => {}
+            }
+        }
+        // A new lease is fresh: the first renewal is due a tick later.
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(settings.tick) => {}
+        }
+        let sent = leases.snapshot();
+        if sent.is_empty() {
+            continue;
+        }
+        match heartbeat(&mut client, &settings, &sent).await {
+            Ok(statuses) => {
+                if failures > 0 {
+                    tracing::info!(failures, "heartbeats work again");
+                }
+                failures = 0;
+                apply(&sent, &statuses);
+            }
+            Err(status) if status.code() == Code::FailedPrecondition => {
+                // The protocol's "stale lease" answer. For a batch it does not
+                // say which lease, so ask for each one alone.
+                if sent.len() == 1 {
+                    apply(
+                        &sent,
+                        &[LeaseStatus {
+                            job_id: sent[0].job_id.clone(),
+                            ..LeaseStatus::default()
+                        }],
+                    );
+                    continue;
+                }
+                for held in &sent {
+                    let one = std::slice::from_ref(held);
+                    match heartbeat(&mut client, &settings, one).await {
+                        Ok(statuses) => apply(one, &statuses),
+                        Err(s) if s.code() == Code::FailedPrecondition => apply(
+                            one,
+                            &[LeaseStatus {
+                                job_id: held.job_id.clone(),
+                                ..LeaseStatus::default()
+                            }],
+                        ),
+                        Err(s) => {
+                            tracing::warn!(job_id = %held.job_id, code = ?s.code(), error = %s.message(), "heartbeat failed")
+                        }
+                    }
+                }
+            }
+            Err(status) => {
+                failures += 1;
+                // Every tick is 250ms: log the first failure and then about
+                // every 30 seconds, not four times a second.
+                if failures == 1 || failures.is_multiple_of(120) {
+                    tracing::warn!(
+                        failures,
+                        running = sent.len(),
+                        code = ?status.code(),
+                        error = %status.message(),
+                        "heartbeat failed; leases are not being renewed"
+                    );
+                }
+            }
+        }
+    }
+}
+
+async fn heartbeat(
+    client: &mut Client,
+    settings: &HeartbeatSettings,
+    sent: &[Held],
+) -> Result<Vec<LeaseStatus>, tonic::Status> {
+    let request = HeartbeatRequest {
+        worker_id: settings.worker_id.clone(),
+        leases: sent
+            .iter()
+            .map(|h| Lease {
+                job_id: h.job_id.clone(),
+                lease_token: h.lease_token.clone(),
+            })
+            .collect(),
+        lease: Some(duration_to_proto(settings.lease)),
+    };
+    let response = client
+        .heartbeat(rpc::request(request, settings.call_timeout()))
+        .await?;
+    Ok(response.into_inner().leases)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn held(job_id: &str) -> Held {
+        Held {
+            job_id: job_id.into(),
+            lease_token: format!("tok-{job_id}"),
+            control: Arc::new(AttemptControl::default()),
+        }
+    }
+
+    fn status(job_id: &str, held: bool, cancel: bool) -> LeaseStatus {
+        LeaseStatus {
+            job_id: job_id.into(),
+            held,
+            cancel_requested: cancel,
+            lease_expires_at: None,
+        }
+    }
+
+    #[test]
+    fn answers_become_signals() {
+        let sent = vec![held("a"), held("b"), held("c"), held("d")];
+        apply(
+            &sent,
+            &[
+                status("a", true, false),
+                status("b", false, false),
+                status("c", true, true),
+            ],
+        );
+        let [a, b, c, d] = &sent[..] else {
+            unreachable!()
+        };
+        assert!(!a.control.token.is_cancelled());
+        assert!(b.control.is_lost() && b.control.token.is_cancelled());
+        assert_eq!(c.control.reason(), Some(StopReason::CancelRequested));
+        assert!(c.control.token.is_cancelled() && !c.control.is_lost());
+        assert!(!d.control.token.is_cancelled(), "no answer, no signal");
+    }
+
+    #[test]
+    fn the_first_stop_reason_wins_but_a_lost_lease_overrides_all() {
+        let control = AttemptControl::default();
+        control.stop(StopReason::TimedOut(Duration::from_secs(1)));
+        control.stop(StopReason::CancelRequested);
+        assert_eq!(
+            control.reason(),
+            Some(StopReason::TimedOut(Duration::from_secs(1)))
+        );
+        assert!(!control.is_lost());
+        control.lose();
+        assert!(control.is_lost());
+    }
+
+    #[test]
+    fn removal_is_fenced_on_the_token() {
+        let leases = Leases::default();
+        let control = Arc::new(AttemptControl::default());
+        leases.insert("j", "t2", control.clone());
+        leases.remove("j", "t1");
+        assert_eq!(
+            leases.len(),
+            1,
+            "an older attempt's removal keeps the newer one"
+        );
+        let newer = Arc::new(AttemptControl::default());
+        leases.insert("j", "t3", newer.clone());
+        assert!(
+            control.is_lost(),
+            "a new attempt of the same job supersedes the old one"
+        );
+        assert!(!newer.is_lost());
+        leases.remove("j", "t2");
+        assert_eq!(leases.len(), 1);
+        leases.remove("j", "t3");
+        assert_eq!(leases.len(), 0);
+    }
+
+    #[test]
+    fn heartbeat_calls_time_out_well_inside_the_lease() {
+        let s = |lease| HeartbeatSettings {
+            worker_id: "w".into(),
+            lease,
+            tick: Duration::from_millis(250),
+        };
+        assert_eq!(
+            s(Duration::from_secs(30)).call_timeout(),
+            Duration::from_secs(10)
+        );
+        assert_eq!(
+            s(Duration::from_secs(3)).call_timeout(),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            s(Duration::from_millis(600)).call_timeout(),
+            Duration::from_millis(500)
+        );
+    }
+}

@@ -1,0 +1,123 @@
+//! orch-worker as a library: consume dispatches from RabbitMQ, run them
+//! with registered [`Handler`]s under orchd's leases, report the outcomes.
+//!
+//! The worker protocol is documented in `proto/orchestrator/v1/worker.proto`.
+//! To run your own job kinds, build a [`Registry`] (usually
+//! [`Registry::with_builtins`] plus your handlers) and call [`run`]; see
+//! `examples/custom_handler.rs`.
+//!
+//! Modules: [`config`] (flags), `consumer` (RabbitMQ consumption and
+//! reconnection), `attempt` (one attempt: start, run, finish), `lease`
+//! (heartbeats and stop signals), `rpc` (the orchd client), [`handler`]
+//! (trait and registry), [`handlers`] (built-ins), [`error`].
+
+pub mod config;
+pub mod error;
+pub mod handler;
+pub mod handlers;
+
+mod attempt;
+mod consumer;
+mod lease;
+mod rpc;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::{LogFormat, WorkerConfig};
+pub use error::{HandlerError, WorkerError};
+pub use handler::{Handler, JobContext, Registry, from_struct, handler_fn, to_struct};
+
+/// How long, after the cancel grace, stopped attempts may take to report
+/// on the way out before the worker exits anyway (the sweeper recovers them).
+const FINAL_REPORT_TIME: Duration = Duration::from_secs(10);
+
+/// Runs a worker until `shutdown` is cancelled, then shuts down gracefully:
+/// stops consuming (prefetched messages go back to the queue), lets running
+/// jobs finish within `--drain-timeout`, stops and reports the rest, and
+/// returns. Fails only on invalid settings: brokers and orchd being away are
+/// waited out.
+pub async fn run(
+    config: WorkerConfig,
+    registry: Registry,
+    shutdown: CancellationToken,
+) -> Result<(), WorkerError> {
+    config.validate()?;
+    let worker_id = config.new_worker_id();
+    let client = rpc::connect(&config)?;
+    let leases = Arc::new(lease::Leases::default());
+    let shared = Arc::new(attempt::Shared::new(
+        client.clone(),
+        registry,
+        leases.clone(),
+        worker_id.clone(),
+        config.lease,
+        config.cancel_grace,
+    ));
+    tracing::info!(
+        worker_id = %worker_id,
+        server = %config.server,
+        queues = ?config.queues,
+        concurrency = config.concurrency,
+        kinds = ?shared.registry.kinds(),
+        exec = config.enable_exec,
+        "worker starting"
+    );
+
+    let heartbeats_stop = CancellationToken::new();
+    let heartbeats = tokio::spawn(lease::run_heartbeats(
+        client,
+        leases.clone(),
+        lease::HeartbeatSettings {
+            worker_id: worker_id.clone(),
+            lease: config.lease,
+            tick: config.tick_interval(),
+        },
+        heartbeats_stop.clone(),
+    ));
+
+    let attempts = TaskTracker::new();
+    let settings = consumer::ConsumerSettings {
+        amqp_url: config.amqp_url.clone(),
+        queues: config.queues.clone(),
+        concurrency: config.concurrency,
+        worker_id: worker_id.clone(),
+    };
+    consumer::consume(shared.clone(), settings, attempts.clone(), shutdown).await;
+
+    attempts.close();
+    if !attempts.is_empty() {
+        tracing::info!(
+            running = attempts.len(),
+            drain_timeout = %humantime::format_duration(config.drain_timeout),
+            "waiting for running jobs to finish"
+        );
+    }
+    if tokio::time::timeout(config.drain_timeout, attempts.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            running = attempts.len(),
+            "drain timeout passed; stopping the remaining jobs (they are reported as interrupted and retried elsewhere)"
+        );
+        shared.hard_stop.cancel();
+        let last_call = config.cancel_grace + FINAL_REPORT_TIME;
+        if tokio::time::timeout(last_call, attempts.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                running = attempts.len(),
+                "some attempts could not be reported; orchd's sweeper recovers them when their leases expire"
+            );
+        }
+    }
+    heartbeats_stop.cancel();
+    let _ = heartbeats.await;
+    tracing::info!(worker_id = %worker_id, "worker stopped");
+    Ok(())
+}

@@ -1,0 +1,140 @@
+//! The gRPC client of orchd's WorkerService: a lazily connected channel
+//! (so the worker starts even when orchd is not up yet, and reconnects by
+//! itself when orchd restarts), the bearer token, per-call timeouts, and
+//! which status codes are worth retrying.
+
+use std::time::Duration;
+
+use orchestrator::proto::v1::worker_service_client::WorkerServiceClient;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Status};
+
+use crate::config::WorkerConfig;
+use crate::error::WorkerError;
+
+/// How long connecting to orchd may take before a call fails.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Deadline of StartAttempt and FinishAttempt calls.
+pub(crate) const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The WorkerService client with the worker's credentials.
+pub(crate) type Client = WorkerServiceClient<InterceptedService<Channel, Auth>>;
+
+/// Adds `authorization: Bearer <token>` to every call when a token is set.
+#[derive(Clone)]
+pub(crate) struct Auth(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for Auth {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+fn auth(token: Option<&str>) -> Result<Auth, WorkerError> {
+    let Some(token) = token.filter(|t| !t.is_empty()) else {
+        return Ok(Auth(None));
+    };
+    let value = format!("Bearer {token}")
+        .parse::<MetadataValue<Ascii>>()
+        .map_err(|_| WorkerError::Config("--token must be printable ASCII".into()))?;
+    Ok(Auth(Some(value)))
+}
+
+/// A client for `config.server`; connects on first use.
+pub(crate) fn connect(config: &WorkerConfig) -> Result<Client, WorkerError> {
+    let endpoint_error = |e: &dyn std::fmt::Display| WorkerError::Endpoint {
+        url: config.server.clone(),
+        message: e.to_string(),
+    };
+    let endpoint = Endpoint::from_shared(config.server.clone())
+        .map_err(|e| endpoint_error(&e))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true)
+        // Notice a dead orchd (or a silently dropped connection) quickly.
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true);
+    let channel = endpoint.connect_lazy();
+    Ok(WorkerServiceClient::with_interceptor(
+        channel,
+        auth(config.token.as_deref())?,
+    ))
+}
+
+/// A request with a deadline.
+pub(crate) fn request<T>(message: T, timeout: Duration) -> Request<T> {
+    let mut request = Request::new(message);
+    request.set_timeout(timeout);
+    request
+}
+
+/// Whether a failed StartAttempt or FinishAttempt may succeed if tried
+/// again: orchd or its store unreachable, overloaded, or racing.
+pub(crate) fn is_transient(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Unavailable
+            | Code::DeadlineExceeded
+            | Code::Aborted
+            | Code::ResourceExhausted
+            | Code::Cancelled
+            | Code::Unknown
+            | Code::Internal
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_token_becomes_a_bearer_header() {
+        let mut with = auth(Some("s3cret")).unwrap();
+        let req = with.call(Request::new(())).unwrap();
+        assert_eq!(
+            req.metadata().get("authorization").unwrap(),
+            "Bearer s3cret"
+        );
+        let mut without = auth(None).unwrap();
+        assert!(
+            without
+                .call(Request::new(()))
+                .unwrap()
+                .metadata()
+                .get("authorization")
+                .is_none()
+        );
+        assert!(auth(Some("bad\ntoken")).is_err());
+    }
+
+    #[tokio::test]
+    async fn connecting_is_lazy() {
+        // Nothing listens there; creating the client must not fail.
+        let config = WorkerConfig::local("http://127.0.0.1:1", "amqp://127.0.0.1:1");
+        assert!(connect(&config).is_ok());
+        let bad = WorkerConfig::local("http://[::1", "amqp://127.0.0.1:1");
+        assert!(matches!(connect(&bad), Err(WorkerError::Endpoint { .. })));
+    }
+
+    #[test]
+    fn only_transient_codes_are_retried() {
+        assert!(is_transient(Code::Unavailable));
+        assert!(is_transient(Code::DeadlineExceeded));
+        for code in [
+            Code::NotFound,
+            Code::FailedPrecondition,
+            Code::InvalidArgument,
+            Code::Unauthenticated,
+        ] {
+            assert!(!is_transient(code), "{code:?}");
+        }
+    }
+}

@@ -1,0 +1,532 @@
+//! End-to-end tests of orch-worker against a real orchd, Redis and
+//! RabbitMQ: built-in handlers, retries, cancellation, timeouts, poison
+//! messages, concurrency and graceful shutdown.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures::StreamExt;
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel};
+use orchestrator::proto::v1::{CancelJobRequest, DispatchMessage};
+use orchestrator::queue::{amqp, message, topology};
+use orchestrator::state::State;
+use orchestrator_worker::{HandlerError, JobContext, Registry, handler_fn, to_struct};
+use serde_json::json;
+
+const T: Duration = Duration::from_secs(15);
+
+#[tokio::test]
+async fn built_in_handlers_complete_with_their_results() {
+    let orchd = Orchd::start().await;
+    let queue = fresh_queue();
+    let worker = Worker::start(worker_config(&orchd, &queue));
+    let mut jobs = orchd.jobs().await;
+
+    let sleep = submit(&mut jobs, spec("sleep", &queue, json!({"seconds": 0.2}))).await;
+    let echo = submit(
+        &mut jobs,
+        spec("echo", &queue, json!({"msg": "hi", "n": [1, 2]})),
+    )
+    .await;
+    let noop = submit(&mut jobs, spec("noop", &queue, json!({}))).await;
+
+    let sleep = wait_terminal(&mut jobs, &sleep.id, T).await;
+    assert_eq!(state(&sleep), State::Completed, "{}", sleep.error);
+    assert_eq!(result_json(&sleep), json!({"slept_seconds": 0.2}));
+    assert!(
+        sleep
+            .history
+            .iter()
+            .any(|t| t.worker_id.starts_with("test-")),
+        "worker id recorded"
+    );
+
+    let echo = wait_terminal(&mut jobs, &echo.id, T).await;
+    assert_eq!(state(&echo), State::Completed);
+    assert_eq!(result_json(&echo), json!({"msg": "hi", "n": [1.0, 2.0]}));
+
+    let noop = wait_terminal(&mut jobs, &noop.id, T).await;
+    assert_eq!(state(&noop), State::Completed);
+    assert_eq!(result_json(&noop), json!({}));
+
+    worker.stop(T).await;
+    orchd.stop().await;
+}
+
+#[tokio::test]
+async fn failures_retry_until_they_succeed_and_permanent_ones_do_not() {
+    let orchd = Orchd::start().await;
+    let queue = fresh_queue();
+    let worker = Worker::start(worker_config(&orchd, &queue));
+    let mut jobs = orchd.jobs().await;
+
+    let mut flaky = spec(
+        "fail",
+        &queue,
+        json!({"message": "flaky", "succeed_on_attempt": 3}),
+    );
+    flaky.max_attempts = 3;
+    flaky.retry = Some(quick_retries());
+    let flaky = submit(&mut jobs, flaky).await;
+
+    let mut permanent = spec(
+        "fail",
+        &queue,
+        json!({"message": "bad input", "permanent": true}),
+    );
+    permanent.max_attempts = 3;
+    permanent.retry = Some(quick_retries());
+    let permanent = submit(&mut jobs, permanent).await;
+
+    let mut hopeless = spec("fail", &queue, json!({"message": "always"}));
+    hopeless.max_attempts = 2;
+    hopeless.retry = Some(quick_retries());
+    let hopeless = submit(&mut jobs, hopeless).await;
+
+    let flaky = wait_terminal(&mut jobs, &flaky.id, T).await;
+    assert_eq!(state(&flaky), State::Completed, "{}", flaky.error);
+    assert_eq!(flaky.attempt, 3);
+    assert_eq!(result_json(&flaky), json!({"attempt": 3.0}));
+
+    let permanent = wait_terminal(&mut jobs, &permanent.id, T).await;
+    assert_eq!(state(&permanent), State::Failed);
+    assert_eq!(permanent.attempt, 1, "no retry after a permanent failure");
+    assert_eq!(permanent.error, "bad input");
+
+    let hopeless = wait_terminal(&mut jobs, &hopeless.id, T).await;
+    assert_eq!(state(&hopeless), State::Failed);
+    assert_eq!(hopeless.attempt, 2);
+    assert_eq!(hopeless.error, "always");
+
+    worker.stop(T).await;
+    orchd.stop().await;
+}
+
+#[tokio::test]
+async fn unknown_kinds_bad_payloads_and_disabled_exec_fail_permanently() {
+    let orchd = Orchd::start().await;
+    let queue = fresh_queue();
+    let worker = Worker::start(worker_config(&orchd, &queue));
+    let mut jobs = orchd.jobs().await;
+
+    let cases = [
+        (
+            spec("resize-image", &queue, json!({})),
+            "no handler for kind \"resize-image\" on this worker; known kinds: echo, exec, fail, noop, sleep",
+        ),
+        (
+            spec("sleep", &queue, json!({"seconds": "ten"})),
+            "invalid payload field \"seconds\": must be a number, got a string",
+        ),
+        (
+            spec("exec", &queue, json!({"command": ["true"]})),
+            "exec is disabled on this worker (start it with --enable-exec)",
+        ),
+    ];
+    for (mut spec, error) in cases {
+        spec.max_attempts = 3;
+        let job = submit(&mut jobs, spec).await;
+        let job = wait_terminal(&mut jobs, &job.id, T).await;
+        assert_eq!(state(&job), State::Failed);
+        assert_eq!(job.attempt, 1, "permanent: no retry");
+        assert_eq!(job.error, error);
+    }
+
+    worker.stop(T).await;
+    orchd.stop().await;
+}
+
+#[tokio::test]
+async fn exec_runs_commands_when_enabled() {
+    let orchd = Orchd::start().await;
+    let queue = fresh_queue();
+    let mut config = worker_config(&orchd, &queue);
+    config.enable_exec = true;
+    let worker = Worker::start(config);
+    let mut jobs = orchd.jobs().await;
+
+    let ok = submit(
+        &mut jobs,
+        spec(
+            "exec",
+            &queue,
+            json!({"command": ["sh", "-c", "echo hi; echo err >&2"]}),
+        ),
+    )
+    .await;
+    let mut bad = spec(
+        "exec",
+        &queue,
+        json!({"command": ["sh", "-c", "echo partial; exit 3"]}),
+    );
+    bad.max_attempts = 1;
+    let bad = submit(&mut jobs, bad).await;
+
+    let ok = wait_terminal(&mut jobs, &ok.id, T).await;
+    assert_eq!(state(&ok), State::Completed, "{}", ok.error);
+    assert_eq!(
+        result_json(&ok),
+        json!({"exit_code": 0.0, "stdout": "hi\n", "stderr": "err\n"})
+    );
+    let bad = wait_terminal(&mut jobs, &bad.id, T).await;
+    assert_eq!(state(&bad), State::Failed);
+    assert!(bad.error.contains("exited with code 3"), "{}", bad.error);
+    assert!(bad.error.contains("partial"), "{}", bad.error);
+
+    worker.stop(T).await;
+    orchd.stop().await;
+}
+
+/// The bar: a cancel turns a sleeping job CANCELLED within 1s with
+/// the default settings.
+#[tokio::test]
+async fn cancelling_a_running_job_stops_it_within_a_second() {
+    let orchd = Orchd::start().await;
+    let queue = fresh_queue();
+    let worker = Worker::start(worker_config(&orchd, &queue));
+    let mut jobs = orchd.jobs().await;
+
+    let job = submit(&mut jobs, spec("sleep", &queue, json!({"seconds": 60}))).await;
+    wait_state(&mut jobs, &job.id, State::Running, T).await;
+    let asked = Instant::now();
+    jobs.cancel_job(CancelJobRequest {
+        job_id: job.id.clone(),
+    })
+    .await
+    .expect("cancel");
+    let done = wait_terminal(&mut jobs, &job.id, T).await;
+    let took = asked.elapsed();
+    assert_eq!(state(&done), State::Cancelled, "{}", done.error);
+    assert_eq!(done.error, "cancelled by user");
+    assert!(took < Duration::from_secs(1), "cancel took {took:?}");
+
+    // The slot is free again: the next job runs.
+    let next = submit(&mut jobs, spec("noop", &queue, json!({}))).await;
+    assert_eq!(
+        state(&wait_terminal(&mut jobs, &next.id, T).await),
+        State::Completed
+    );
+
+    worker.stop(T).await;
+    orchd.stop().await;
+}
+
+#[tokio::test]
+async fn a_job_past_its_timeout_fails_and_is_retried() {
+    let orchd = Orchd::start().await;
+    let queue = fresh_queue();
+    let worker = Worker::start(worker_config(&orchd, &queue));
+    let mut jobs = orchd.jobs().await;
+
+    let mut slow = spec("sleep", &queue, json!({"seconds": 30}));
+    slow.timeout = Some(orchestrator::job::duration_to_proto(Duration::from_millis(
+        300,
+    )));
+    slow.max_attempts = 2;
+    slow.retry = Some(quick_retries());
+    let slow = submit(&mut jobs, slow).await;
+    let started = Instant::now();
+    let done = wait_terminal(&mut jobs, &slow.id, T).await;
+    assert_eq!(state(&done), State::Failed);
+    assert_eq!(done.attempt, 2, "a timeout is retryable");
+    assert_eq!(done.error, "timed out after 0.3s");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+
+    worker.stop(T).await;
+    orchd.stop().await;
+}
+
+#[tokio::test]
+async fn concurrency_bounds_how_many_jobs_run_at_once() {
+    let orchd = Orchd::start().await;
+    let queue = fresh_queue();
+    let mut config = worker_config(&orchd, &queue);
+    config.concurrency = 1;
+    let worker = Worker::start(config);
+    let mut jobs = orchd.jobs().await;
+
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(
+            submit(&mut jobs, spec("sleep", &queue, json!({"seconds": 0.3})))
+                .await
+                .id,
+        );
+    }
+    let mut spans = Vec::new();
+    for id in &ids {
+        let job = wait_terminal(&mut jobs, id, T).await;
+        assert_eq!(state(&job), State::Completed);
+        let ms = |ts: &Option<pbjson_types::Timestamp>| {
+            orchestrator::job::timestamp_to_ms(ts.as_ref().unwrap())
+        };
+        spans.push((ms(&job.started_at), ms(&job.finished_at)));
+    }
+    spans.sort();
+    for pair in spans.windows(2) {
+        assert!(pair[1].0 >= pair[0].1, "jobs overlapped: {spans:?}");
+    }
+
+    worker.stop(T).await;
+    orchd.stop().await;
+}
+
+/// A queue bound to the dead-letter exchange, to see what the worker
+/// rejects (the exchange is a fanout, so this gets a copy of everything).
+async fn dead_letter_tap(channel: &Channel) -> lapin::Consumer {
+    topology::declare_base(channel).await.unwrap();
+    let tap = orchestrator_testkit::unique_name("dead-tap");
+    channel
+        .queue_declare(
+            tap.as_str().into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            tap.as_str().into(),
+            topology::DEAD_LETTER_EXCHANGE.into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    channel
+        .basic_consume(
+            tap.as_str().into(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap()
+}
+
+async fn publish_raw(channel: &Channel, queue: &str, body: &[u8], id: &str) {
+    channel
+        .basic_publish(
+            topology::JOBS_EXCHANGE.into(),
+            queue.into(),
+            BasicPublishOptions::default(),
+            body,
+            BasicProperties::default().with_message_id(id.into()),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn poison_messages_are_dead_lettered_and_the_worker_goes_on() {
+    let orchd = Orchd::start().await;
+    let queue = fresh_queue();
+    let worker = Worker::start(worker_config(&orchd, &queue));
+    let mut jobs = orchd.jobs().await;
+
+    let connection = amqp::connect(&orchd.amqp_url, "test-poison").await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let mut tap = dead_letter_tap(&channel).await;
+    topology::declare_job_queue(&channel, &queue).await.unwrap();
+
+    let garbage_id = orchestrator_testkit::unique_name("garbage");
+    publish_raw(&channel, &queue, b"\xff\x00 not protobuf", &garbage_id).await;
+    let unknown_id = orchestrator_testkit::unique_name("unknown");
+    let unknown = DispatchMessage {
+        job_id: uuid::Uuid::new_v4().to_string(),
+        kind: "echo".into(),
+        queue: queue.clone(),
+        attempt: 1,
+        published_at: None,
+    };
+    publish_raw(&channel, &queue, &message::encode(&unknown), &unknown_id).await;
+
+    let mut seen = std::collections::HashSet::new();
+    let deadline = tokio::time::Instant::now() + T;
+    while seen.len() < 2 {
+        let next = tokio::time::timeout_at(deadline, tap.next())
+            .await
+            .expect("both poison messages dead-letter")
+            .unwrap()
+            .unwrap();
+        if let Some(id) = next.properties.message_id() {
+            let id = id.to_string();
+            if id == garbage_id || id == unknown_id {
+                seen.insert(id);
+            }
+        }
+    }
+
+    // The worker is still consuming.
+    let job = submit(&mut jobs, spec("noop", &queue, json!({}))).await;
+    assert_eq!(
+        state(&wait_terminal(&mut jobs, &job.id, T).await),
+        State::Completed
+    );
+
+    let _ = connection.close(0, "done".into()).await;
+    worker.stop(T).await;
+    orchd.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_lets_running_jobs_finish_within_the_drain_timeout() {
+    let orchd = Orchd::start().await;
+    let queue = fresh_queue();
+    let worker = Worker::start(worker_config(&orchd, &queue));
+    let mut jobs = orchd.jobs().await;
+
+    let job = submit(&mut jobs, spec("sleep", &queue, json!({"seconds": 1}))).await;
+    wait_state(&mut jobs, &job.id, State::Running, T).await;
+    let took = worker.stop(T).await;
+    let done = get(&mut jobs, &job.id).await;
+    assert_eq!(
+        state(&done),
+        State::Completed,
+        "the running job finished before exit"
+    );
+    assert!(took < Duration::from_secs(5), "{took:?}");
+
+    // Jobs submitted after the worker left stay queued for the next one.
+    let later = submit(&mut jobs, spec("noop", &queue, json!({}))).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(state(&get(&mut jobs, &later.id).await), State::Created);
+    let next = Worker::start(worker_config(&orchd, &queue));
+    assert_eq!(
+        state(&wait_terminal(&mut jobs, &later.id, T).await),
+        State::Completed
+    );
+
+    next.stop(T).await;
+    orchd.stop().await;
+}
+
+#[tokio::test]
+async fn jobs_still_running_after_the_drain_timeout_are_handed_back_for_retry() {
+    let orchd = Orchd::start().await;
+    let queue = fresh_queue();
+    let mut config = worker_config(&orchd, &queue);
+    config.drain_timeout = Duration::from_millis(200);
+    let worker = Worker::start(config);
+    let mut jobs = orchd.jobs().await;
+
+    let mut long = spec("sleep", &queue, json!({"seconds": 60}));
+    long.max_attempts = 3;
+    long.retry = Some(quick_retries());
+    let long = submit(&mut jobs, long).await;
+    wait_state(&mut jobs, &long.id, State::Running, T).await;
+    let took = worker.stop(T).await;
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    let after = get(&mut jobs, &long.id).await;
+    assert_eq!(state(&after), State::Retrying);
+    assert_eq!(after.error, "worker shutting down");
+
+    // Another worker picks it up.
+    let next = Worker::start(worker_config(&orchd, &queue));
+    let again = wait_for(&mut jobs, &long.id, T, "attempt 2 running", |j| {
+        j.attempt == 2 && state(j) == State::Running
+    })
+    .await;
+    assert_eq!(again.attempt, 2);
+    jobs.cancel_job(CancelJobRequest {
+        job_id: long.id.clone(),
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        state(&wait_terminal(&mut jobs, &long.id, T).await),
+        State::Cancelled
+    );
+
+    next.stop(T).await;
+    orchd.stop().await;
+}
+
+#[tokio::test]
+async fn custom_handlers_run_next_to_the_built_ins() {
+    let orchd = Orchd::start().await;
+    let queue = fresh_queue();
+    let config = worker_config(&orchd, &queue);
+    let mut registry = Registry::with_builtins(&config);
+    registry
+        .register(
+            "shout",
+            handler_fn(|ctx: JobContext| async move {
+                let text = ctx.payload_json()["text"]
+                    .as_str()
+                    .ok_or_else(|| HandlerError::invalid_field("text", "is required"))?
+                    .to_uppercase();
+                to_struct(json!({"text": text, "attempt": ctx.attempt}))
+            }),
+        )
+        .unwrap();
+    let worker = Worker::with_registry(config, registry);
+    let mut jobs = orchd.jobs().await;
+
+    let job = submit(&mut jobs, spec("shout", &queue, json!({"text": "hello"}))).await;
+    let job = wait_terminal(&mut jobs, &job.id, T).await;
+    assert_eq!(state(&job), State::Completed, "{}", job.error);
+    assert_eq!(result_json(&job), json!({"text": "HELLO", "attempt": 1.0}));
+
+    worker.stop(T).await;
+    orchd.stop().await;
+}
+
+#[tokio::test]
+async fn a_handler_that_ignores_cancellation_is_abandoned_after_the_grace() {
+    let orchd = Orchd::start().await;
+    let queue = fresh_queue();
+    let mut config = worker_config(&orchd, &queue);
+    config.cancel_grace = Duration::from_millis(300);
+    let mut registry = Registry::with_builtins(&config);
+    registry
+        .register(
+            "stubborn",
+            handler_fn(|_ctx: JobContext| async move {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                Ok(pbjson_types::Struct::default())
+            }),
+        )
+        .unwrap();
+    let worker = Worker::with_registry(config, registry);
+    let mut jobs = orchd.jobs().await;
+
+    let job = submit(&mut jobs, spec("stubborn", &queue, json!({}))).await;
+    wait_state(&mut jobs, &job.id, State::Running, T).await;
+    let asked = Instant::now();
+    jobs.cancel_job(CancelJobRequest {
+        job_id: job.id.clone(),
+    })
+    .await
+    .unwrap();
+    let done = wait_terminal(&mut jobs, &job.id, T).await;
+    assert_eq!(state(&done), State::Cancelled);
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        asked.elapsed()
+    );
+
+    worker.stop(T).await;
+    orchd.stop().await;
+}
