@@ -226,6 +226,7 @@ pub fn renew(lease_token: &str, lease: Duration, now_ms: i64) -> Change {
         lease: LeaseChange::Extend {
             expires_ms: now_ms + lease.as_millis() as i64,
         },
+        silent: true,
         ..Change::default()
     }
 }

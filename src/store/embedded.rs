@@ -557,7 +557,9 @@ impl<'t> Tables<'t> {
         if let Some(entry) = &change.history {
             job.history.push(entry.clone());
         }
-        job.updated_at = Some(ms_to_timestamp(change.at_ms));
+        if !change.silent {
+            job.updated_at = Some(ms_to_timestamp(change.at_ms));
+        }
         if let Some(attempt) = change.attempt {
             job.attempt = attempt;
         }
@@ -803,12 +805,13 @@ impl JobStore for EmbeddedStore {
     }
 
     async fn apply(&self, id: Uuid, change: &Change) -> Result<Applied> {
+        let silent = change.silent;
         let change = change.clone();
         let retention_ms = self.retention_ms;
         let applied = self
             .write(move |t| t.apply(id, &change, retention_ms))
             .await?;
-        if let Applied::Done(_) = applied {
+        if matches!(applied, Applied::Done(_)) && !silent {
             self.notify(id);
         }
         Ok(applied)

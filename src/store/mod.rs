@@ -92,6 +92,9 @@ pub struct Change {
     pub due: Due,
     /// Lease update.
     pub lease: LeaseChange,
+    /// A lease renewal: leaves `updated_at` alone and notifies no watcher,
+    /// since nothing a user sees changed.
+    pub silent: bool,
 }
 
 /// The result of [`JobStore::apply`].

@@ -101,7 +101,7 @@ const APPLY_LUA: &str = r#"
 -- ARGV[4] new state ('' same)          ARGV[5] state index prefix
 -- ARGV[6] history entry ('' none)      ARGV[7] due: '' keep, '-' remove, else score
 -- ARGV[8] lease: '' keep, '-' clear, else expiry score
--- ARGV[9] retention score ('' none)    ARGV[10] event channel
+-- ARGV[9] retention score ('' none)    ARGV[10] event channel ('' none)
 -- ARGV[11] n; then n field/value pairs to set; then fields to delete
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return {-1} end
@@ -127,7 +127,7 @@ if ARGV[9] ~= '' then redis.call('ZADD', KEYS[5], ARGV[9], id) end
 local n = tonumber(ARGV[11])
 for i = 0, n - 1 do redis.call('HSET', KEYS[1], ARGV[12 + 2 * i], ARGV[13 + 2 * i]) end
 for i = 12 + 2 * n, #ARGV do redis.call('HDEL', KEYS[1], ARGV[i]) end
-redis.call('PUBLISH', ARGV[10], ARGV[4])
+if ARGV[10] ~= '' then redis.call('PUBLISH', ARGV[10], ARGV[4]) end
 return {1, redis.call('HGETALL', KEYS[1]), redis.call('LRANGE', KEYS[2], 0, -1)}
 "#;
 
@@ -529,8 +529,10 @@ impl JobStore for RedisStore {
 
     async fn apply(&self, id: Uuid, change: &Change) -> Result<Applied> {
         let id_str = id.to_string();
-        let mut set: Vec<(&str, Vec<u8>)> =
-            vec![("updated", change.at_ms.to_string().into_bytes())];
+        let mut set: Vec<(&str, Vec<u8>)> = Vec::new();
+        if !change.silent {
+            set.push(("updated", change.at_ms.to_string().into_bytes()));
+        }
         let mut del: Vec<&str> = Vec::new();
         if let Some(attempt) = change.attempt {
             set.push(("attempt", attempt.to_string().into_bytes()));
@@ -614,7 +616,7 @@ impl JobStore for RedisStore {
             .arg(due_arg)
             .arg(lease_arg)
             .arg(retention_arg)
-            .arg(self.key(&["ev:", &id_str]))
+            .arg(if change.silent { String::new() } else { self.key(&["ev:", &id_str]) })
             .arg(set.len());
         for (name, value) in &set {
             invocation.arg(*name).arg(value.as_slice());
