@@ -322,15 +322,14 @@ async fn a_job_whose_worker_is_killed_is_retried_elsewhere_and_completes_once() 
 /// Submits until orchd accepts; the idempotency key makes retries safe.
 async fn submit_reliably(server: &str, spec: SubmitJobRequest) -> String {
     loop {
-        if let Ok(mut client) =
-            orchestrator::proto::v1::job_service_client::JobServiceClient::connect(
-                server.to_owned(),
-            )
-            .await
+        let client = orchestrator::proto::v1::job_service_client::JobServiceClient::connect(
+            server.to_owned(),
+        )
+        .await;
+        if let Ok(mut client) = client
+            && let Ok(job) = client.submit_job(spec.clone()).await
         {
-            if let Ok(job) = client.submit_job(spec.clone()).await {
-                return job.into_inner().id;
-            }
+            return job.into_inner().id;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
