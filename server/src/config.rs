@@ -24,6 +24,9 @@ pub enum Command {
     /// Serve the gRPC API, the REST shim and the dispatcher, with Redis as
     /// the store and RabbitMQ as the queue.
     Serve(ServeConfig),
+    /// Run everything in one process: the API, an embedded store, an
+    /// in-process queue and workers. No Redis or RabbitMQ needed.
+    Dev(crate::dev::DevConfig),
 }
 
 /// How logs are written.
@@ -93,7 +96,9 @@ mod tests {
     #[test]
     fn serve_defaults_match_the_documented_ports() {
         let cli = Cli::try_parse_from(["orchd", "serve"]).unwrap();
-        let Command::Serve(cfg) = cli.command;
+        let Command::Serve(cfg) = cli.command else {
+            panic!("serve")
+        };
         assert_eq!(cfg.grpc_addr.port(), 50051);
         assert_eq!(cfg.http_addr.port(), 8000);
         assert_eq!(cfg.retention, Duration::from_secs(7 * 24 * 3600));
@@ -101,9 +106,30 @@ mod tests {
     }
 
     #[test]
+    fn dev_listens_on_loopback_and_keeps_data_in_dot_orch() {
+        let cli = Cli::try_parse_from(["orchd", "dev"]).unwrap();
+        let Command::Dev(cfg) = cli.command else {
+            panic!("dev")
+        };
+        assert!(cfg.grpc_addr.ip().is_loopback() && cfg.http_addr.ip().is_loopback());
+        assert_eq!((cfg.grpc_addr.port(), cfg.http_addr.port()), (50051, 8000));
+        assert_eq!(cfg.data_dir, std::path::PathBuf::from("./.orch"));
+        assert!(!cfg.ephemeral && !cfg.enable_exec);
+        assert!(cfg.workers >= 1);
+        let cli = Cli::try_parse_from(["orchd", "dev", "--ephemeral", "--workers", "5"]).unwrap();
+        let Command::Dev(cfg) = cli.command else {
+            panic!("dev")
+        };
+        assert!(cfg.ephemeral);
+        assert_eq!(cfg.workers, 5);
+    }
+
+    #[test]
     fn durations_are_humantime() {
         let cli = Cli::try_parse_from(["orchd", "serve", "--retention", "2h"]).unwrap();
-        let Command::Serve(cfg) = cli.command;
+        let Command::Serve(cfg) = cli.command else {
+            panic!("serve")
+        };
         assert_eq!(cfg.retention, Duration::from_secs(7200));
         assert!(Cli::try_parse_from(["orchd", "serve", "--retention", "soon"]).is_err());
     }

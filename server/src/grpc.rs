@@ -5,9 +5,10 @@ use std::pin::Pin;
 
 use futures::{Stream, StreamExt};
 use orchestrator::proto::v1::{
-    CancelJobRequest, FinishAttemptRequest, GetJobRequest, HeartbeatRequest, HeartbeatResponse,
-    Job, ListJobsRequest, ListJobsResponse, StartAttemptRequest, StartAttemptResponse,
-    SubmitJobRequest, WatchJobRequest, job_service_server, worker_service_server,
+    CancelJobRequest, FinishAttemptRequest, GetJobRequest, GetServerInfoRequest, HeartbeatRequest,
+    HeartbeatResponse, Job, ListJobsRequest, ListJobsResponse, ServerInfo, StartAttemptRequest,
+    StartAttemptResponse, SubmitJobRequest, WatchJobRequest, job_service_server,
+    worker_service_server,
 };
 use tonic::{Request, Response, Status};
 
@@ -79,12 +80,13 @@ impl job_service_server::JobService for GrpcJobs {
 #[derive(Clone)]
 pub struct GrpcWorkers {
     attempts: AttemptService,
+    info: ServerInfo,
 }
 
 impl GrpcWorkers {
-    /// Wraps the worker operations.
-    pub fn new(attempts: AttemptService) -> Self {
-        GrpcWorkers { attempts }
+    /// Wraps the worker operations; `info` is what GetServerInfo answers.
+    pub fn new(attempts: AttemptService, info: ServerInfo) -> Self {
+        GrpcWorkers { attempts, info }
     }
 }
 
@@ -106,6 +108,13 @@ impl worker_service_server::WorkerService for GrpcWorkers {
         Ok(Response::new(
             self.attempts.heartbeat(request.into_inner()).await?,
         ))
+    }
+
+    async fn get_server_info(
+        &self,
+        _request: Request<GetServerInfoRequest>,
+    ) -> Result<Response<ServerInfo>, Status> {
+        Ok(Response::new(self.info.clone()))
     }
 
     async fn finish_attempt(

@@ -89,7 +89,7 @@ pub async fn run(
                 reporter.set_service_status(service, status).await;
             }
             if serving {
-                tracing::info!("ready: redis and rabbitmq answer");
+                tracing::info!("ready: the store and the queue answer");
             } else {
                 tracing::warn!(problems = %health.detail(), "not ready");
             }

@@ -4,6 +4,7 @@
 
 pub mod attempts;
 pub mod config;
+pub mod dev;
 pub mod dispatch;
 pub mod grpc;
 pub mod health;
@@ -16,6 +17,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use orchestrator::proto::v1::ServerInfo;
 use orchestrator::proto::v1::job_service_server::JobServiceServer;
 use orchestrator::proto::v1::worker_service_server::WorkerServiceServer;
 use orchestrator::queue::JobQueue;
@@ -75,6 +77,17 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
         .map_err(|source| ServerError::Bind { addr, source })
 }
 
+/// The store and queue a server runs on, and what workers need to know
+/// about them.
+pub struct Backend {
+    /// Where jobs are stored.
+    pub store: Arc<dyn JobStore>,
+    /// Where dispatches go.
+    pub queue: Arc<dyn JobQueue>,
+    /// What GetServerInfo answers.
+    pub info: ServerInfo,
+}
+
 /// Starts `orchd serve` and returns once it listens. Everything stops when
 /// `shutdown` is cancelled; [`Running::wait`] waits for that.
 pub async fn start(
@@ -86,8 +99,27 @@ pub async fn start(
         prefix: config.redis_prefix.clone(),
         retention: config.retention,
     };
-    let store: Arc<dyn JobStore> = Arc::new(RedisStore::new(&store_config)?);
-    let queue: Arc<dyn JobQueue> = Arc::new(AmqpQueue::new(config.amqp_url.clone()));
+    let backend = Backend {
+        store: Arc::new(RedisStore::new(&store_config)?),
+        queue: Arc::new(AmqpQueue::new(config.amqp_url.clone())),
+        info: ServerInfo {
+            version: env!("CARGO_PKG_VERSION").into(),
+            queue_backend: "rabbitmq".into(),
+            accepts_external_workers: true,
+            message: String::new(),
+        },
+    };
+    start_with(&config, backend, shutdown).await
+}
+
+/// Starts a server on `backend`, listening and limited as `config` says
+/// (its Redis and RabbitMQ settings are not used).
+pub async fn start_with(
+    config: &ServeConfig,
+    backend: Backend,
+    shutdown: CancellationToken,
+) -> Result<Running, ServerError> {
+    let Backend { store, queue, info } = backend;
     let limits = Limits {
         max_payload_bytes: config.max_payload_bytes,
     };
@@ -139,6 +171,7 @@ pub async fn start(
         .add_service(JobServiceServer::new(grpc::GrpcJobs::new(service.clone())))
         .add_service(WorkerServiceServer::new(grpc::GrpcWorkers::new(
             attempts.clone(),
+            info,
         )))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),

@@ -22,6 +22,7 @@ async fn main() -> anyhow::Result<()> {
     tokio::spawn(signal_shutdown(shutdown.clone()));
     match cli.command {
         Command::Serve(config) => orchestrator_server::run(config, shutdown).await?,
+        Command::Dev(config) => orchestrator_server::dev::run(config, shutdown).await?,
     }
     tracing::info!("orchd stopped");
     Ok(())

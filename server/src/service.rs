@@ -164,7 +164,9 @@ impl JobService {
     pub async fn watch(&self, job_id: &str) -> Result<BoxStream<'static, Result<Job>>> {
         let id = validate::job_id(job_id)?;
         // Subscribe before the first read so no change falls in between.
-        let changes = match tokio::time::timeout(Duration::from_secs(2), self.store.changes(id)).await {
+        let changes = match tokio::time::timeout(Duration::from_secs(2), self.store.changes(id))
+            .await
+        {
             Ok(Ok(stream)) => stream,
             Err(_) => {
                 tracing::warn!(job_id = %id, "change notifications timed out; polling");

@@ -52,8 +52,19 @@ impl MemoryQueue {
 
     fn try_take(&self, queues: &[String], start: usize) -> Option<Received> {
         let mut all = self.inner.queues.lock().ok()?;
-        (0..queues.len()).find_map(|i| {
-            let name = &queues[(start + i) % queues.len()];
+        let names: Vec<String> = if queues.is_empty() {
+            let mut names: Vec<String> = all
+                .iter()
+                .filter(|(_, q)| !q.is_empty())
+                .map(|(name, _)| name.clone())
+                .collect();
+            names.sort();
+            names
+        } else {
+            queues.to_vec()
+        };
+        (0..names.len()).find_map(|i| {
+            let name = &names[(start + i) % names.len()];
             let body = all.get_mut(name)?.pop_front()?;
             Some(Received {
                 queue: name.clone(),
@@ -62,8 +73,9 @@ impl MemoryQueue {
         })
     }
 
-    /// Waits for the next message on any of `queues`, taking them in turn so
-    /// that a busy queue does not starve the others.
+    /// Waits for the next message on any of `queues` (on any queue at all
+    /// when `queues` is empty), taking them in turn so that a busy queue does
+    /// not starve the others.
     pub async fn receive(&self, queues: &[String], turn: usize) -> Received {
         loop {
             // Register interest before looking, so a push in between wakes us.
@@ -141,11 +153,27 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(20)).await;
         q.publish(&msg("a", 1)).await.unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
-        assert!(!receiver.is_finished(), "a message on another queue is not taken");
+        assert!(
+            !receiver.is_finished(),
+            "a message on another queue is not taken"
+        );
         q.publish(&msg("b", 2)).await.unwrap();
-        let got = tokio::time::timeout(Duration::from_secs(1), receiver).await.unwrap().unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(1), receiver)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(got.queue, "b");
         assert_eq!(q.len("a"), 1);
+    }
+
+    #[tokio::test]
+    async fn no_queue_names_means_every_queue() {
+        let q = MemoryQueue::new();
+        q.publish(&msg("x", 1)).await.unwrap();
+        q.publish(&msg("y", 2)).await.unwrap();
+        let mut got = vec![q.receive(&[], 0).await.queue, q.receive(&[], 1).await.queue];
+        got.sort();
+        assert_eq!(got, ["x", "y"]);
     }
 
     #[tokio::test]

@@ -616,7 +616,11 @@ impl JobStore for RedisStore {
             .arg(due_arg)
             .arg(lease_arg)
             .arg(retention_arg)
-            .arg(if change.silent { String::new() } else { self.key(&["ev:", &id_str]) })
+            .arg(if change.silent {
+                String::new()
+            } else {
+                self.key(&["ev:", &id_str])
+            })
             .arg(set.len());
         for (name, value) in &set {
             invocation.arg(*name).arg(value.as_slice());

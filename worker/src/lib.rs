@@ -19,11 +19,13 @@ pub mod handlers;
 mod attempt;
 mod consumer;
 mod lease;
+mod memory;
 mod rpc;
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use orchestrator::queue::memory::MemoryQueue;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -45,9 +47,38 @@ pub async fn run(
     registry: Registry,
     shutdown: CancellationToken,
 ) -> Result<(), WorkerError> {
-    config.validate()?;
+    run_from(config, registry, Source::Rabbitmq, shutdown).await
+}
+
+/// Where a worker takes its dispatches from.
+#[derive(Clone)]
+pub enum Source {
+    /// RabbitMQ at `--amqp-url`, the queues of `--queues`.
+    Rabbitmq,
+    /// The in-process queue of an `orchd dev` server, in the same process:
+    /// every job queue when `--queues` is empty.
+    InProcess(MemoryQueue),
+}
+
+/// Like [`run`], taking dispatches from `source`.
+pub async fn run_from(
+    config: WorkerConfig,
+    registry: Registry,
+    source: Source,
+    shutdown: CancellationToken,
+) -> Result<(), WorkerError> {
+    if matches!(source, Source::InProcess(_)) && config.queues.is_empty() {
+        let mut all = config.clone();
+        all.queues = vec!["default".into()];
+        all.validate()?;
+    } else {
+        config.validate()?;
+    }
     let worker_id = config.new_worker_id();
     let client = rpc::connect(&config)?;
+    if matches!(source, Source::Rabbitmq) {
+        rpc::check_server(&client, &config.server).await?;
+    }
     let leases = Arc::new(lease::Leases::default());
     let shared = Arc::new(attempt::Shared::new(
         client.clone(),
@@ -80,13 +111,28 @@ pub async fn run(
     ));
 
     let attempts = TaskTracker::new();
-    let settings = consumer::ConsumerSettings {
-        amqp_url: config.amqp_url.clone(),
-        queues: config.queues.clone(),
-        concurrency: config.concurrency,
-        worker_id: worker_id.clone(),
-    };
-    consumer::consume(shared.clone(), settings, attempts.clone(), shutdown).await;
+    match source {
+        Source::Rabbitmq => {
+            let settings = consumer::ConsumerSettings {
+                amqp_url: config.amqp_url.clone(),
+                queues: config.queues.clone(),
+                concurrency: config.concurrency,
+                worker_id: worker_id.clone(),
+            };
+            consumer::consume(shared.clone(), settings, attempts.clone(), shutdown).await;
+        }
+        Source::InProcess(queue) => {
+            memory::consume(
+                shared.clone(),
+                queue,
+                config.queues.clone(),
+                config.concurrency,
+                attempts.clone(),
+                shutdown,
+            )
+            .await;
+        }
+    }
 
     attempts.close();
     if !attempts.is_empty() {

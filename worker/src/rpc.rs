@@ -91,6 +91,34 @@ pub(crate) fn is_transient(code: Code) -> bool {
     )
 }
 
+/// Refuses to start against a server whose queue is in its own process
+/// (`orchd dev`): such a worker would wait on a broker that never carries
+/// a job. Any other answer, or none (orchd not up yet, an older orchd),
+/// lets the worker start.
+pub(crate) async fn check_server(client: &Client, server: &str) -> Result<(), WorkerError> {
+    let request = request(
+        orchestrator::proto::v1::GetServerInfoRequest {},
+        Duration::from_secs(3),
+    );
+    match client.clone().get_server_info(request).await {
+        Ok(info) => {
+            let info = info.into_inner();
+            if info.accepts_external_workers {
+                Ok(())
+            } else {
+                Err(WorkerError::Config(format!(
+                    "orchd at {server} runs with an {} queue and takes no external workers: {}",
+                    info.queue_backend, info.message
+                )))
+            }
+        }
+        Err(status) => {
+            tracing::debug!(code = ?status.code(), error = %status.message(), "GetServerInfo unanswered; starting anyway");
+            Ok(())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,8 +16,8 @@ use orchestrator::proto::v1::finish_attempt_request::Outcome;
 use orchestrator::proto::v1::start_attempt_response::Decision;
 use orchestrator::proto::v1::worker_service_server::{WorkerService, WorkerServiceServer};
 use orchestrator::proto::v1::{
-    DispatchMessage, FinishAttemptRequest, HeartbeatRequest, HeartbeatResponse, Job, LeaseStatus,
-    StartAttemptRequest, StartAttemptResponse,
+    DispatchMessage, FinishAttemptRequest, GetServerInfoRequest, HeartbeatRequest,
+    HeartbeatResponse, Job, LeaseStatus, ServerInfo, StartAttemptRequest, StartAttemptResponse,
 };
 use orchestrator::queue::{amqp, message, topology};
 use orchestrator_testkit::{shared_amqp_url, unique_name};
@@ -141,6 +141,14 @@ impl Fake {
 
 #[tonic::async_trait]
 impl WorkerService for Fake {
+    /// Like an older orchd: the worker must start anyway.
+    async fn get_server_info(
+        &self,
+        _request: Request<GetServerInfoRequest>,
+    ) -> Result<Response<ServerInfo>, Status> {
+        Err(Status::unimplemented("not in this fake"))
+    }
+
     async fn start_attempt(
         &self,
         request: Request<StartAttemptRequest>,

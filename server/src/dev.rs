@@ -1,0 +1,253 @@
+//! `orchd dev`: the whole platform in one process, for trying it out,
+//! development and single-machine use. The same API, REST shim, health,
+//! state machine, retries, leases, cancellation and fencing as `orchd
+//! serve`, on an embedded crash-safe store (redb) and an in-process queue,
+//! with in-process workers running the built-in handlers over the same gRPC
+//! worker protocol.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+use orchestrator::attempt;
+use orchestrator::job::{job_state, now_ms, timestamp_to_ms};
+use orchestrator::proto::v1::ServerInfo;
+use orchestrator::queue::memory::MemoryQueue;
+use orchestrator::state::State;
+use orchestrator::store::embedded::EmbeddedStore;
+use orchestrator::store::{Change, Due, JobStore};
+use orchestrator::validate::ListQuery;
+use orchestrator_worker::{Registry, Source, WorkerConfig};
+use tokio_util::sync::CancellationToken;
+
+use crate::{Backend, Running, ServeConfig, ServerError};
+
+/// Settings of `orchd dev`.
+#[derive(Debug, Clone, Args)]
+pub struct DevConfig {
+    /// Where the gRPC API listens (loopback by default: dev mode has no
+    /// authentication).
+    #[arg(long, env = "ORCH_GRPC_ADDR", default_value = "127.0.0.1:50051")]
+    pub grpc_addr: SocketAddr,
+    /// Where the REST shim listens.
+    #[arg(long, env = "ORCH_HTTP_ADDR", default_value = "127.0.0.1:8000")]
+    pub http_addr: SocketAddr,
+    /// How many in-process workers run jobs (default: the number of cores).
+    #[arg(long, env = "ORCH_WORKERS", default_value_t = orchestrator_worker::config::default_concurrency())]
+    pub workers: u16,
+    /// Where jobs are kept, so that a restart loses none.
+    #[arg(long, env = "ORCH_DATA_DIR", default_value = "./.orch")]
+    pub data_dir: PathBuf,
+    /// Keep everything in memory instead (gone when orchd stops).
+    #[arg(long, env = "ORCH_EPHEMERAL")]
+    pub ephemeral: bool,
+    /// Let the in-process workers run `exec` jobs (arbitrary commands).
+    #[arg(long, env = "ORCH_ENABLE_EXEC")]
+    pub enable_exec: bool,
+    /// How long terminal jobs are kept.
+    #[arg(long, env = "ORCH_RETENTION", default_value = "7d", value_parser = humantime::parse_duration)]
+    pub retention: Duration,
+    /// Largest accepted job payload, in bytes.
+    #[arg(long, env = "ORCH_MAX_PAYLOAD_BYTES", default_value_t = 1024 * 1024)]
+    pub max_payload_bytes: usize,
+    /// Lease of a running attempt.
+    #[arg(long, env = "ORCH_LEASE", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub lease: Duration,
+}
+
+impl DevConfig {
+    /// Ephemeral dev settings on ephemeral loopback ports, for tests.
+    pub fn local_ephemeral(workers: u16) -> Self {
+        DevConfig {
+            grpc_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            http_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            workers,
+            data_dir: PathBuf::from("./.orch"),
+            ephemeral: true,
+            enable_exec: false,
+            retention: Duration::from_secs(7 * 24 * 3600),
+            max_payload_bytes: 1024 * 1024,
+            lease: Duration::from_secs(30),
+        }
+    }
+
+    fn serve_config(&self) -> ServeConfig {
+        let mut config = ServeConfig::local("", "");
+        config.grpc_addr = self.grpc_addr;
+        config.http_addr = self.http_addr;
+        config.retention = self.retention;
+        config.max_payload_bytes = self.max_payload_bytes;
+        config.lease = self.lease;
+        config
+    }
+}
+
+/// A running `orchd dev`.
+pub struct DevRunning {
+    /// The server part.
+    pub server: Running,
+    workers: Vec<tokio::task::JoinHandle<()>>,
+    workers_stop: CancellationToken,
+    server_stop: CancellationToken,
+}
+
+impl DevRunning {
+    /// Waits for `shutdown`, then drains the workers before the server
+    /// stops, so running jobs can still report.
+    pub async fn wait(self, shutdown: CancellationToken) {
+        shutdown.cancelled().await;
+        self.workers_stop.cancel();
+        for worker in self.workers {
+            let _ = worker.await;
+        }
+        self.server_stop.cancel();
+        self.server.wait().await;
+    }
+}
+
+/// Starts `orchd dev` and returns once it listens and its workers run.
+pub async fn start(config: DevConfig) -> Result<DevRunning, ServerError> {
+    let store: Arc<dyn JobStore> = if config.ephemeral {
+        Arc::new(EmbeddedStore::in_memory(config.retention)?)
+    } else {
+        std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+            orchestrator::Error::invalid("data_dir", format!("{}: {e}", config.data_dir.display()))
+        })?;
+        Arc::new(EmbeddedStore::open(
+            &config.data_dir.join("jobs.redb"),
+            config.retention,
+        )?)
+    };
+    let recovered = recover(store.as_ref()).await?;
+    if recovered > 0 {
+        tracing::info!(
+            recovered,
+            "re-dispatched jobs left unfinished by the last run"
+        );
+    }
+    let queue = MemoryQueue::new();
+    let backend = Backend {
+        store,
+        queue: Arc::new(queue.clone()),
+        info: ServerInfo {
+            version: env!("CARGO_PKG_VERSION").into(),
+            queue_backend: "in-process".into(),
+            accepts_external_workers: false,
+            message: "`orchd dev` runs its workers in process (set their number with --workers); \
+                      for external workers run `orchd serve` with Redis and RabbitMQ"
+                .into(),
+        },
+    };
+    let server_stop = CancellationToken::new();
+    let server = crate::start_with(&config.serve_config(), backend, server_stop.clone()).await?;
+
+    let loopback = SocketAddr::from((Ipv4Addr::LOCALHOST, server.grpc_addr.port()));
+    let workers_stop = CancellationToken::new();
+    let mut workers = Vec::new();
+    for _ in 0..config.workers {
+        let mut worker = WorkerConfig::local(format!("http://{loopback}"), "");
+        worker.queues = Vec::new();
+        worker.concurrency = 1;
+        worker.enable_exec = config.enable_exec;
+        worker.worker_id_prefix = Some("dev".into());
+        let registry = Registry::with_builtins(&worker);
+        let stop = workers_stop.clone();
+        let source = Source::InProcess(queue.clone());
+        workers.push(tokio::spawn(async move {
+            if let Err(e) = orchestrator_worker::run_from(worker, registry, source, stop).await {
+                tracing::error!(error = %e, "in-process worker failed");
+            }
+        }));
+    }
+    Ok(DevRunning {
+        server,
+        workers,
+        workers_stop,
+        server_stop,
+    })
+}
+
+/// Runs `orchd dev` until `shutdown`, printing where it listens.
+pub async fn run(config: DevConfig, shutdown: CancellationToken) -> Result<(), ServerError> {
+    let running = start(config.clone()).await?;
+    let grpc = running.server.grpc_addr;
+    let http = running.server.http_addr;
+    let storage = if config.ephemeral {
+        "in memory (--ephemeral)".to_owned()
+    } else {
+        format!("in {}", config.data_dir.join("jobs.redb").display())
+    };
+    let server_flag = if grpc.port() == 50051 {
+        String::new()
+    } else {
+        format!("--server http://{grpc} ")
+    };
+    eprintln!(
+        "\norchd dev is up: gRPC on {grpc}, REST on http://{http}, {} in-process workers, jobs stored {storage}\n\
+         \n  submit a first job:  orchctl {server_flag}submit sleep --payload '{{\"seconds\": 1}}' --wait\n\
+         \x20                  or:  curl -s -X POST http://{http}/jobs -d '{{\"kind\":\"echo\",\"payload\":{{\"hello\":\"world\"}}}}'\n",
+        config.workers,
+    );
+    running.wait(shutdown).await;
+    Ok(())
+}
+
+/// Makes a restarted dev server whole: its in-process queue started empty,
+/// so CREATED and RETRYING jobs are dispatched again, and no worker of the
+/// last run is alive, so RUNNING attempts are failed as "worker lost" at
+/// once (and retried like any failed attempt). Returns how many jobs it
+/// touched.
+async fn recover(store: &dyn JobStore) -> Result<usize, ServerError> {
+    let mut touched = 0;
+    let now = now_ms();
+    for state in [State::Created, State::Retrying, State::Running] {
+        let mut query = ListQuery {
+            state: Some(state),
+            kind: None,
+            queue: None,
+            page_size: 500,
+            page_token: None,
+        };
+        loop {
+            let page = store.list(&query).await?;
+            for job in &page.jobs {
+                let Ok(id) = job.id.parse() else { continue };
+                if job_state(job) != Some(state) {
+                    continue;
+                }
+                let change = match state {
+                    State::Running => {
+                        let mut change = attempt::worker_lost(job, now, &mut rand::rng())?;
+                        change.expect_lease_expired_by = None;
+                        change
+                    }
+                    _ => {
+                        let due = job
+                            .next_attempt_at
+                            .as_ref()
+                            .map(timestamp_to_ms)
+                            .unwrap_or(now)
+                            .max(now);
+                        Change {
+                            expect: Some(state),
+                            to: Some(state),
+                            at_ms: now,
+                            due: Due::At(due),
+                            silent: true,
+                            ..Change::default()
+                        }
+                    }
+                };
+                store.apply(id, &change).await?;
+                touched += 1;
+            }
+            match page.next_page_token {
+                Some(token) => query.page_token = Some(token),
+                None => break,
+            }
+        }
+    }
+    Ok(touched)
+}
