@@ -7,8 +7,8 @@ use futures::{Stream, StreamExt};
 use orchestrator::proto::v1::{
     CancelJobRequest, FinishAttemptRequest, GetJobRequest, GetServerInfoRequest, HeartbeatRequest,
     HeartbeatResponse, Job, ListJobsRequest, ListJobsResponse, ServerInfo, StartAttemptRequest,
-    StartAttemptResponse, SubmitJobRequest, WatchJobRequest, job_service_server,
-    worker_service_server,
+    StartAttemptResponse, SubmitJobRequest, SubmitJobsRequest, SubmitJobsResponse, WatchJobRequest,
+    job_service_server, worker_service_server,
 };
 use tonic::{Request, Response, Status};
 
@@ -36,6 +36,15 @@ impl job_service_server::JobService for GrpcJobs {
     ) -> Result<Response<Job>, Status> {
         Ok(Response::new(
             self.service.submit(request.into_inner()).await?,
+        ))
+    }
+
+    async fn submit_jobs(
+        &self,
+        request: Request<SubmitJobsRequest>,
+    ) -> Result<Response<SubmitJobsResponse>, Status> {
+        Ok(Response::new(
+            self.service.submit_many(request.into_inner()).await?,
         ))
     }
 

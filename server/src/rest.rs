@@ -10,11 +10,11 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::StreamExt;
 use orchestrator::error::{Error, http_status};
-use orchestrator::proto::v1::{ListJobsRequest, SubmitJobRequest, job};
+use orchestrator::proto::v1::{ListJobsRequest, SubmitJobRequest, SubmitJobsRequest, job};
 use serde::Serialize;
 use tonic::Code;
 
@@ -34,6 +34,7 @@ pub struct RestState {
 pub fn router(state: RestState, max_body_bytes: usize) -> Router {
     Router::new()
         .route("/jobs", get(list_jobs).post(submit_job))
+        .route("/jobs:batchSubmit", post(submit_jobs))
         .route("/jobs/{job_id}", get(get_job).delete(cancel_job))
         .route("/healthz", get(healthz))
         .route("/openapi.json", get(openapi))
@@ -120,6 +121,16 @@ async fn submit_job(
     let request: SubmitJobRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::new(Code::InvalidArgument, format!("invalid JSON body: {e}")))?;
     json(&state.service.submit(request).await?)
+}
+
+async fn submit_jobs(
+    State(state): State<RestState>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult {
+    let body = body_bytes(body)?;
+    let request: SubmitJobsRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::new(Code::InvalidArgument, format!("invalid JSON body: {e}")))?;
+    json(&state.service.submit_many(request).await?)
 }
 
 async fn get_job(State(state): State<RestState>, Path(job_id): Path<String>) -> ApiResult {

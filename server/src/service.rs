@@ -9,7 +9,9 @@ use futures::stream::{BoxStream, StreamExt};
 use orchestrator::attempt::transition;
 use orchestrator::error::{Error, Result};
 use orchestrator::job::{job_state, now_ms};
-use orchestrator::proto::v1::{Job, ListJobsRequest, ListJobsResponse, SubmitJobRequest};
+use orchestrator::proto::v1::{
+    Job, ListJobsRequest, ListJobsResponse, SubmitJobRequest, SubmitJobsRequest, SubmitJobsResponse,
+};
 use orchestrator::state::{self, State};
 use orchestrator::store::{Applied, Change, Created, Due, JobStore};
 use orchestrator::validate::{self, Limits};
@@ -18,6 +20,8 @@ use uuid::Uuid;
 
 use crate::dispatch::Dispatcher;
 
+/// Most jobs in one SubmitJobs call.
+pub const MAX_BATCH: usize = 1000;
 /// How often a CAS that lost a race is retried before giving up.
 const MAX_CAS_RETRIES: usize = 8;
 /// How often a watch re-reads the job even without a change notification,
@@ -76,6 +80,48 @@ impl JobService {
                 Ok(*job)
             }
         }
+    }
+
+    /// Validates and stores a batch of jobs in one store round trip, then
+    /// dispatches the new ones. All or nothing on validation.
+    pub async fn submit_many(&self, req: SubmitJobsRequest) -> Result<SubmitJobsResponse> {
+        if req.jobs.is_empty() || req.jobs.len() > MAX_BATCH {
+            return Err(Error::invalid(
+                "jobs",
+                format!(
+                    "must hold 1 to {MAX_BATCH} job specs, got {}",
+                    req.jobs.len()
+                ),
+            ));
+        }
+        let mut batch = Vec::with_capacity(req.jobs.len());
+        for (i, spec) in req.jobs.iter().enumerate() {
+            let new = validate::submit(spec, &self.limits).map_err(|e| match e {
+                Error::InvalidArgument { field, message } => Error::InvalidArgument {
+                    field: format!("jobs[{i}].{field}"),
+                    message,
+                },
+                other => other,
+            })?;
+            batch.push((Uuid::new_v4(), new));
+        }
+        let now = now_ms();
+        let claim = now + self.dispatcher.claim_ttl_ms();
+        let created = self.store.create_many(&batch, now, claim).await?;
+        let mut jobs = Vec::with_capacity(created.len());
+        let mut fresh = 0usize;
+        for outcome in created {
+            match outcome {
+                Created::New(job) => {
+                    fresh += 1;
+                    self.dispatcher.dispatch_soon(&job, claim);
+                    jobs.push(*job);
+                }
+                Created::Existing(job) => jobs.push(*job),
+            }
+        }
+        tracing::info!(submitted = jobs.len(), new = fresh, "batch submitted");
+        Ok(SubmitJobsResponse { jobs })
     }
 
     /// Reads one job.

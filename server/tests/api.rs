@@ -813,3 +813,62 @@ async fn reflection_v1_and_v1alpha_list_the_services() {
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn batch_submit_creates_each_job_with_its_own_id_and_idempotency() {
+    let server = TestServer::start().await;
+    let queue = fresh_queue();
+    let body = json!({"jobs": [
+        {"kind": "echo", "queue": queue, "payload": {"n": 0}},
+        {"kind": "echo", "queue": queue, "payload": {"n": 1}, "idempotencyKey": "batch-key"},
+        {"kind": "echo", "queue": queue, "payload": {"n": 2}, "idempotencyKey": "batch-key"},
+        {"kind": "sleep", "queue": queue}
+    ]});
+    let (status, resp) = post(&server, "/jobs:batchSubmit", &body.to_string()).await;
+    assert_eq!(status, 200, "{resp}");
+    let jobs = resp["jobs"].as_array().unwrap();
+    assert_eq!(jobs.len(), 4);
+    assert_eq!(jobs[0]["payload"]["n"], 0.0);
+    assert_eq!(jobs[3]["kind"], "sleep");
+    assert_eq!(jobs[1]["id"], jobs[2]["id"], "one idempotency key, one job");
+    assert_ne!(jobs[0]["id"], jobs[1]["id"]);
+    assert_eq!(jobs_on(&server, &queue).await, 3);
+    let mut published = std::collections::HashSet::new();
+    while published.len() < 3 {
+        let (msg, _) = next_dispatch(&server.config.amqp_url, &queue, Duration::from_secs(20))
+            .await
+            .expect("every new job is published");
+        published.insert(msg.job_id);
+    }
+
+    // All or nothing: one bad spec rejects the batch and stores nothing.
+    let other = fresh_queue();
+    let bad = json!({"jobs": [{"kind": "echo", "queue": other}, {"kind": "", "queue": other}]});
+    let (status, err) = post(&server, "/jobs:batchSubmit", &bad.to_string()).await;
+    assert_eq!(status, 400);
+    assert!(
+        err["message"].as_str().unwrap().contains("jobs[1].kind"),
+        "{err}"
+    );
+    assert_eq!(jobs_on(&server, &other).await, 0);
+    let (status, err) = post(&server, "/jobs:batchSubmit", "{\"jobs\": []}").await;
+    assert_eq!(status, 400, "{err}");
+
+    let mut client = server.jobs().await;
+    let too_many = orchestrator::proto::v1::SubmitJobsRequest {
+        jobs: vec![spec("echo", &other); 1001],
+    };
+    let err = client.submit_jobs(too_many).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let ok = client
+        .submit_jobs(orchestrator::proto::v1::SubmitJobsRequest {
+            jobs: vec![spec("echo", &other); 200],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let ids: std::collections::HashSet<_> = ok.jobs.iter().map(|j| j.id.clone()).collect();
+    assert_eq!(ids.len(), 200);
+    assert_eq!(jobs_on(&server, &other).await, 200);
+    server.stop().await;
+}

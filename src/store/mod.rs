@@ -163,6 +163,22 @@ pub trait JobStore: Send + Sync + 'static {
     /// idempotency key was seen before.
     async fn create(&self, id: Uuid, job: &NewJob, now_ms: i64, due_ms: i64) -> Result<Created>;
 
+    /// Stores many new jobs at once, each like [`JobStore::create`] (its own
+    /// id and idempotency check), answering in order. Stores that can,
+    /// write them in one round trip.
+    async fn create_many(
+        &self,
+        jobs: &[(Uuid, NewJob)],
+        now_ms: i64,
+        due_ms: i64,
+    ) -> Result<Vec<Created>> {
+        let mut out = Vec::with_capacity(jobs.len());
+        for (id, job) in jobs {
+            out.push(self.create(*id, job, now_ms, due_ms).await?);
+        }
+        Ok(out)
+    }
+
     /// Reads one job with its history.
     async fn get(&self, id: Uuid) -> Result<Option<Job>>;
 

@@ -246,6 +246,76 @@ impl RedisStore {
         (self.key(&["idx:all"]), filter)
     }
 
+    /// The keys and arguments of the create script for one job, and the
+    /// job as it will be once stored.
+    fn prepare_create(&self, id: Uuid, new: &NewJob, now_ms: i64, due_ms: i64) -> PreparedCreate {
+        let id_str = id.to_string();
+        let job = new.to_job(&id_str, now_ms);
+        let base = Job {
+            state: 0,
+            updated_at: None,
+            ..job.clone()
+        };
+        let member = index_member(now_ms, &id_str);
+        let created = Transition {
+            from: 0,
+            to: State::Created.to_proto() as i32,
+            at: Some(ms_to_timestamp(now_ms)),
+            attempt: 0,
+            reason: "submitted".into(),
+            worker_id: String::new(),
+        };
+        let keys = vec![
+            self.job_key(&id_str),
+            self.hist_key(&id_str),
+            self.key(&["idem:", &new.idempotency_key]),
+            self.key(&["due"]),
+            self.key(&["idx:all"]),
+            self.key(&["idx:state:", State::Created.as_str()]),
+            self.key(&["idx:kind:", &new.kind]),
+            self.key(&["idx:queue:", &new.queue]),
+        ];
+        let use_idem = if new.idempotency_key.is_empty() {
+            "0"
+        } else {
+            "1"
+        };
+        let text = |s: &str| s.as_bytes().to_vec();
+        let args: Vec<Vec<u8>> = vec![
+            text(&id_str),
+            text(use_idem),
+            text(&member),
+            created.encode_to_vec(),
+            text(&due_ms.to_string()),
+            text("id"),
+            text(&id_str),
+            text("base"),
+            base.encode_to_vec(),
+            text("state"),
+            text(State::Created.as_str()),
+            text("attempt"),
+            text("0"),
+            text("updated"),
+            text(&now_ms.to_string()),
+            text("ix"),
+            text(&member),
+            text("kind"),
+            text(&new.kind),
+            text("queue"),
+            text(&new.queue),
+            text("idem"),
+            text(&new.idempotency_key),
+        ];
+        PreparedCreate {
+            keys,
+            args,
+            job: Job {
+                history: vec![created],
+                ..job
+            },
+        }
+    }
+
     async fn read_many(&self, ids: &[String]) -> Result<Vec<Option<Job>>> {
         if ids.is_empty() {
             return Ok(Vec::new());
@@ -276,6 +346,27 @@ impl RedisStore {
                 }
             })
             .collect()
+    }
+}
+
+/// One job's create script call, ready to be pipelined.
+struct PreparedCreate {
+    keys: Vec<String>,
+    args: Vec<Vec<u8>>,
+    job: Job,
+}
+
+impl PreparedCreate {
+    fn command(&self, sha: &str) -> redis::Cmd {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(sha).arg(self.keys.len());
+        for key in &self.keys {
+            cmd.arg(key);
+        }
+        for arg in &self.args {
+            cmd.arg(arg.as_slice());
+        }
+        cmd
     }
 }
 
@@ -389,78 +480,76 @@ fn decode_apply_reply(reply: Value) -> Result<Applied> {
 #[async_trait]
 impl JobStore for RedisStore {
     async fn create(&self, id: Uuid, new: &NewJob, now_ms: i64, due_ms: i64) -> Result<Created> {
-        let id_str = id.to_string();
-        let job = new.to_job(&id_str, now_ms);
-        let base = Job {
-            state: 0,
-            updated_at: None,
-            ..job.clone()
-        };
-        let member = index_member(now_ms, &id_str);
-        let created = Transition {
-            from: 0,
-            to: State::Created.to_proto() as i32,
-            at: Some(ms_to_timestamp(now_ms)),
-            attempt: 0,
-            reason: "submitted".into(),
-            worker_id: String::new(),
-        };
-        let use_idem = !new.idempotency_key.is_empty();
-        let idem_key = self.key(&["idem:", &new.idempotency_key]);
-        let mut invocation = self.scripts.create.key(self.job_key(&id_str));
-        invocation
-            .key(self.hist_key(&id_str))
-            .key(&idem_key)
-            .key(self.key(&["due"]))
-            .key(self.key(&["idx:all"]))
-            .key(self.key(&["idx:state:", State::Created.as_str()]))
-            .key(self.key(&["idx:kind:", &new.kind]))
-            .key(self.key(&["idx:queue:", &new.queue]))
-            .arg(&id_str)
-            .arg(if use_idem { "1" } else { "0" })
-            .arg(&member)
-            .arg(created.encode_to_vec())
-            .arg(due_ms)
-            .arg("id")
-            .arg(&id_str)
-            .arg("base")
-            .arg(base.encode_to_vec())
-            .arg("state")
-            .arg(State::Created.as_str())
-            .arg("attempt")
-            .arg(0)
-            .arg("updated")
-            .arg(now_ms)
-            .arg("ix")
-            .arg(&member)
-            .arg("kind")
-            .arg(&new.kind)
-            .arg("queue")
-            .arg(&new.queue)
-            .arg("idem")
-            .arg(&new.idempotency_key);
-        let mut conn = self.conn.clone();
-        let reply: Vec<Value> = invocation.invoke_async(&mut conn).await?;
-        let code: i64 = redis::from_redis_value_ref(&reply[0])?;
-        match code {
-            1 => Ok(Created::New(Box::new(Job {
-                history: vec![created],
-                ..job
-            }))),
-            0 => {
-                let existing: String = redis::from_redis_value_ref(&reply[1])?;
-                let existing_id =
-                    Uuid::try_parse(&existing).map_err(|_| corrupt("idempotency key"))?;
-                match self.get(existing_id).await? {
-                    Some(job) => Ok(Created::Existing(Box::new(job))),
-                    None => Err(Error::Conflict(format!(
-                        "idempotency key {:?} belongs to job {existing}, which was just deleted",
-                        new.idempotency_key
-                    ))),
-                }
-            }
-            _ => Err(Error::Conflict(format!("job id {id} already exists"))),
+        let mut created = self
+            .create_many(&[(id, new.clone())], now_ms, due_ms)
+            .await?;
+        created
+            .pop()
+            .ok_or_else(|| Error::Internal("no reply to a create".into()))
+    }
+
+    async fn create_many(
+        &self,
+        jobs: &[(Uuid, NewJob)],
+        now_ms: i64,
+        due_ms: i64,
+    ) -> Result<Vec<Created>> {
+        if jobs.is_empty() {
+            return Ok(Vec::new());
         }
+        let prepared: Vec<PreparedCreate> = jobs
+            .iter()
+            .map(|(id, new)| self.prepare_create(*id, new, now_ms, due_ms))
+            .collect();
+        let mut conn = self.conn.clone();
+        // One round trip for the whole batch: EVALSHA per job, pipelined;
+        // the script is loaded once if Redis does not know it (a restart).
+        let mut loaded = false;
+        let replies: Vec<Vec<Value>> = loop {
+            let mut pipe = redis::pipe();
+            for p in &prepared {
+                pipe.add_command(p.command(self.scripts.create.get_hash()));
+            }
+            match pipe.query_async(&mut conn).await {
+                Ok(replies) => break replies,
+                Err(e)
+                    if !loaded
+                        && e.kind()
+                            == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                {
+                    let _: String = redis::cmd("SCRIPT")
+                        .arg("LOAD")
+                        .arg(CREATE_LUA)
+                        .query_async(&mut conn)
+                        .await?;
+                    loaded = true;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let mut out = Vec::with_capacity(prepared.len());
+        for (p, reply) in prepared.into_iter().zip(replies) {
+            let code: i64 = redis::from_redis_value_ref(&reply[0])?;
+            out.push(match code {
+                1 => Created::New(Box::new(p.job)),
+                0 => {
+                    let existing: String = redis::from_redis_value_ref(&reply[1])?;
+                    let existing_id =
+                        Uuid::try_parse(&existing).map_err(|_| corrupt("idempotency key"))?;
+                    match self.get(existing_id).await? {
+                        Some(job) => Created::Existing(Box::new(job)),
+                        None => {
+                            return Err(Error::Conflict(format!(
+                                "idempotency key {:?} belongs to job {existing}, which was just deleted",
+                                p.job.idempotency_key
+                            )));
+                        }
+                    }
+                }
+                _ => return Err(Error::Conflict(format!("job id {} already exists", p.job.id))),
+            });
+        }
+        Ok(out)
     }
 
     async fn get(&self, id: Uuid) -> Result<Option<Job>> {
