@@ -784,6 +784,7 @@ mod tests {
             ("/jobs", vec!["get", "post"]),
             ("/jobs/{job_id}", vec!["delete", "get"]),
             ("/jobs/{job_id}:watch", vec!["get"]),
+            ("/jobs:batchSubmit", vec!["post"]),
         ];
         let expected: Vec<(String, Vec<String>)> = expected
             .iter()
