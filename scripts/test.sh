@@ -14,7 +14,11 @@
 # warnings` and `cargo test`. Exits with the status of the first failing step
 # (cargo's status).
 #
-# Environment: ORCH_TEST_SKIP_LINT=1 skips fmt and clippy; ORCH_SERVICES_DIR
+# A full run (no package selection) then validates the deployment files
+# with scripts/check-deploy.sh.
+#
+# Environment: ORCH_TEST_SKIP_LINT=1 skips fmt and clippy;
+# ORCH_TEST_SKIP_DEPLOY=1 skips the deployment checks; ORCH_SERVICES_DIR
 # sets the services' state directory (default /tmp/orch-test-services; two
 # concurrent runs need different ones).
 set -euo pipefail
@@ -87,6 +91,14 @@ done
 section "cargo test ${scope[*]} $*"
 status=0
 cargo test "${scope[@]}" "$@" || status=$?
+
+# The deployment files (Dockerfile, compose, k8s) cannot run here; they are
+# validated offline instead. Only on a full run: a package selection means
+# someone is iterating on code.
+if ((status == 0)) && ((${#scope[@]} > 0)) && [[ ! ${ORCH_TEST_SKIP_DEPLOY:-0} =~ ^(1|true|yes)$ ]]; then
+  section "Deployment checks (scripts/check-deploy.sh)"
+  scripts/check-deploy.sh || status=$?
+fi
 if ((status == 0)); then
   section "All tests passed"
 else
