@@ -39,11 +39,31 @@ fn unavailable(message: impl Into<String>) -> Error {
     }
 }
 
+/// AMQP heartbeat asked for unless the URL sets one. RabbitMQ's default
+/// (60s) lets a hung but connected client (a frozen worker) hold its
+/// prefetched messages for minutes; 10s hands them back within ~30s.
+pub const DEFAULT_HEARTBEAT_SECS: u16 = 10;
+
+/// `url` with `heartbeat=DEFAULT_HEARTBEAT_SECS` added unless it has one.
+pub fn with_default_heartbeat(url: &str) -> String {
+    let has_heartbeat = url
+        .split_once('?')
+        .is_some_and(|(_, query)| query.split('&').any(|kv| kv.starts_with("heartbeat=")));
+    if has_heartbeat {
+        url.to_owned()
+    } else if url.contains('?') {
+        format!("{url}&heartbeat={DEFAULT_HEARTBEAT_SECS}")
+    } else {
+        format!("{url}?heartbeat={DEFAULT_HEARTBEAT_SECS}")
+    }
+}
+
 /// Opens a connection to `url`, failing after a few seconds rather than
 /// hanging when the broker is down.
 pub async fn connect(url: &str, name: &str) -> Result<Connection> {
     let properties = ConnectionProperties::default().with_connection_name(name.into());
-    match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, properties)).await {
+    let url = with_default_heartbeat(url);
+    match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(&url, properties)).await {
         Ok(Ok(conn)) => Ok(conn),
         Ok(Err(e)) => Err(unavailable(format!("cannot connect: {e}"))),
         Err(_) => Err(unavailable("cannot connect: timed out")),
@@ -155,5 +175,26 @@ impl JobQueue for AmqpQueue {
         self.channel_for(crate::job::DEFAULT_QUEUE)
             .await
             .map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_heartbeat_is_added_unless_the_url_sets_one() {
+        assert_eq!(
+            with_default_heartbeat("amqp://h:5672/%2f"),
+            "amqp://h:5672/%2f?heartbeat=10"
+        );
+        assert_eq!(
+            with_default_heartbeat("amqp://h/%2f?frame_max=8192"),
+            "amqp://h/%2f?frame_max=8192&heartbeat=10"
+        );
+        assert_eq!(
+            with_default_heartbeat("amqp://h/%2f?heartbeat=3"),
+            "amqp://h/%2f?heartbeat=3"
+        );
     }
 }

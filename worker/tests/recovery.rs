@@ -429,3 +429,92 @@ async fn jobs_survive_rabbitmq_redis_and_orchd_restarts() {
     orchd.take().unwrap().stop().await;
     drop((rabbit, redis));
 }
+
+/// Injects: SIGSTOP to an orch-worker process in the middle of a job, for
+/// longer than its lease, then SIGCONT. Asserts: the job is retried and
+/// completed by another worker while the first is frozen, and when the
+/// frozen worker wakes up its stale attempt is fenced: the job stays
+/// COMPLETED with one completion, by the second worker.
+#[tokio::test]
+async fn a_frozen_worker_that_wakes_up_after_its_lease_is_fenced() {
+    let orchd = Orchd::start().await;
+    let mut jobs = orchd.jobs().await;
+    let queue = fresh_queue();
+    let mut spec = spec("sleep", &queue, json!({"seconds": 2}));
+    spec.retry = Some(quick_retries());
+    let job = submit(&mut jobs, spec).await;
+
+    // A short AMQP heartbeat, so the broker takes back what the frozen
+    // worker prefetched within seconds (the default, 10s, would take ~30s).
+    let amqp = orchestrator::queue::amqp::with_default_heartbeat(&format!(
+        "{}?heartbeat=2",
+        orchd.amqp_url
+    ));
+    let mut frozen = tokio::process::Command::new(env!("CARGO_BIN_EXE_orch-worker"))
+        .args([
+            "--server",
+            &orchd.server_url(),
+            "--amqp-url",
+            &amqp,
+            "--queues",
+            &queue,
+        ])
+        .args([
+            "--lease",
+            "2s",
+            "--heartbeat-interval",
+            "500ms",
+            "--worker-id",
+            "frozen",
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("orch-worker starts");
+    let pid = frozen.id().expect("a pid") as i32;
+    wait_state(&mut jobs, &job.id, State::Running, T).await;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .unwrap();
+
+    let mut config = worker_config(&orchd, &queue);
+    config.lease = Duration::from_secs(2);
+    config.heartbeat_interval = Duration::from_millis(500);
+    config.worker_id_prefix = Some("awake".into());
+    let awake = Worker::start(config);
+    let done = wait_terminal(&mut jobs, &job.id, Duration::from_secs(60)).await;
+    assert_eq!(state(&done), State::Completed);
+
+    // Wake the frozen worker: its handler finishes, its reports are refused.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGCONT,
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let after = get(&mut jobs, &job.id).await;
+    assert_eq!(state(&after), State::Completed);
+    assert_eq!(
+        after.history, done.history,
+        "the stale attempt changed nothing"
+    );
+    assert_eq!(count(&after, (State::Running, State::Completed)), 1);
+    let completed_by = after
+        .history
+        .iter()
+        .find(|t| t.to == job::State::Completed as i32)
+        .unwrap();
+    assert!(
+        completed_by.worker_id.starts_with("awake"),
+        "{}",
+        completed_by.worker_id
+    );
+    frozen.start_kill().unwrap();
+    let _ = frozen.wait().await;
+    awake.stop(T).await;
+    orchd.stop().await;
+}
