@@ -6,6 +6,7 @@
 pub mod attempt;
 pub mod error;
 pub mod job;
+pub mod process;
 pub mod proto;
 pub mod state;
 pub mod validate;

@@ -15,39 +15,35 @@ use serde_json::{Value, json};
 use tokio_stream::StreamExt;
 use tonic::Code;
 
-async fn post(server: &TestServer, path: &str, body: &str) -> (u16, Value) {
-    let resp = server
-        .http_client
-        .post(server.url(path))
-        .header("content-type", "application/json")
-        .body(body.to_owned())
-        .send()
-        .await
-        .expect("request");
+/// Sends a request and returns the status and the JSON body (null when
+/// there is none).
+async fn call(
+    server: &TestServer,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<&str>,
+) -> (u16, Value) {
+    let mut request = server.http_client.request(method, server.url(path));
+    if let Some(body) = body {
+        request = request
+            .header("content-type", "application/json")
+            .body(body.to_owned());
+    }
+    let resp = request.send().await.expect("request");
     let status = resp.status().as_u16();
     (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+async fn post(server: &TestServer, path: &str, body: &str) -> (u16, Value) {
+    call(server, reqwest::Method::POST, path, Some(body)).await
 }
 
 async fn get(server: &TestServer, path: &str) -> (u16, Value) {
-    let resp = server
-        .http_client
-        .get(server.url(path))
-        .send()
-        .await
-        .expect("request");
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or(Value::Null))
+    call(server, reqwest::Method::GET, path, None).await
 }
 
 async fn delete(server: &TestServer, path: &str) -> (u16, Value) {
-    let resp = server
-        .http_client
-        .delete(server.url(path))
-        .send()
-        .await
-        .expect("request");
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or(Value::Null))
+    call(server, reqwest::Method::DELETE, path, None).await
 }
 
 /// How many jobs the list shows on `queue`: bad input must leave it at 0.

@@ -71,6 +71,39 @@ fn count(job: &Job, pair: (State, State)) -> usize {
     transitions(job).into_iter().filter(|p| *p == pair).count()
 }
 
+/// An orch-worker process on `queue` with a 2s lease renewed every 500ms,
+/// so a lost worker is noticed quickly.
+fn spawn_worker(
+    server: &str,
+    amqp_url: &str,
+    queue: &str,
+    id_prefix: &str,
+) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_orch-worker"))
+        .args([
+            "--server",
+            server,
+            "--amqp-url",
+            amqp_url,
+            "--queues",
+            queue,
+        ])
+        .args([
+            "--lease",
+            "2s",
+            "--heartbeat-interval",
+            "500ms",
+            "--worker-id",
+            id_prefix,
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("orch-worker starts")
+}
+
 /// Cancel before start: the job is CANCELLED at once and a worker that
 /// later receives its dispatch drops it without running it.
 #[tokio::test]
@@ -256,29 +289,7 @@ async fn a_job_whose_worker_is_killed_is_retried_elsewhere_and_completes_once() 
     spec.retry = Some(quick_retries());
     let job = submit(&mut jobs, spec).await;
 
-    let mut doomed = tokio::process::Command::new(env!("CARGO_BIN_EXE_orch-worker"))
-        .args([
-            "--server",
-            &orchd.server_url(),
-            "--amqp-url",
-            &orchd.amqp_url,
-            "--queues",
-            &queue,
-        ])
-        .args([
-            "--lease",
-            "2s",
-            "--heartbeat-interval",
-            "500ms",
-            "--worker-id",
-            "doomed",
-        ])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("orch-worker starts");
+    let mut doomed = spawn_worker(&orchd.server_url(), &orchd.amqp_url, &queue, "doomed");
     let running = wait_state(&mut jobs, &job.id, State::Running, T).await;
     assert!(
         running.worker_id.starts_with("doomed"),
@@ -450,29 +461,7 @@ async fn a_frozen_worker_that_wakes_up_after_its_lease_is_fenced() {
         "{}?heartbeat=2",
         orchd.amqp_url
     ));
-    let mut frozen = tokio::process::Command::new(env!("CARGO_BIN_EXE_orch-worker"))
-        .args([
-            "--server",
-            &orchd.server_url(),
-            "--amqp-url",
-            &amqp,
-            "--queues",
-            &queue,
-        ])
-        .args([
-            "--lease",
-            "2s",
-            "--heartbeat-interval",
-            "500ms",
-            "--worker-id",
-            "frozen",
-        ])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("orch-worker starts");
+    let mut frozen = spawn_worker(&orchd.server_url(), &amqp, &queue, "frozen");
     let pid = frozen.id().expect("a pid") as i32;
     wait_state(&mut jobs, &job.id, State::Running, T).await;
     nix::sys::signal::kill(
