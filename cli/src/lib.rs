@@ -1,0 +1,40 @@
+//! `orchctl`, the command-line client of the orchestrator, as a library:
+//! [`run`] executes a parsed [`Cli`] against orchd and returns a
+//! [`CliError`] whose [`CliError::exit_code`] is the process exit code.
+//!
+//! The binary (`main.rs`) only parses the arguments, calls [`run`] and maps
+//! the error to an exit code; tests call [`run_to`] with their own writer.
+
+pub mod args;
+pub mod client;
+pub mod commands;
+pub mod exit;
+pub mod output;
+pub mod request;
+
+use std::io::Write;
+
+pub use args::{Cli, Command, OutputFormat};
+pub use exit::CliError;
+
+/// Runs one command, printing its output on stdout.
+pub async fn run(cli: Cli) -> Result<(), CliError> {
+    run_to(cli, &mut std::io::stdout()).await
+}
+
+/// Runs one command, printing its output on `out` (errors are returned, not
+/// printed).
+pub async fn run_to(cli: Cli, out: &mut impl Write) -> Result<(), CliError> {
+    let global = commands::Global {
+        server: cli.server,
+        token: cli.token,
+        output: cli.output,
+    };
+    match &cli.command {
+        Command::Submit(args) => commands::submit(&global, args, out).await,
+        Command::Status(args) => commands::status(&global, args, out).await,
+        Command::Cancel(args) => commands::cancel(&global, args, out).await,
+        Command::List(args) => commands::list(&global, args, out).await,
+        Command::Watch(args) => commands::watch(&global, args, out).await,
+    }
+}
