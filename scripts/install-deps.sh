@@ -3,7 +3,9 @@
 #   redis-server      (redis-server, redis-cli)
 #   rabbitmq-server   (/usr/lib/rabbitmq/bin/*, Erlang, epmd)
 #   util-linux        (setpriv: test servers die with the test process)
-#   iproute2          (ss: scripts/services.sh checks ports with it)
+#   iproute2          (ss: scripts/services.sh checks ports with it; ip netns
+#                     for the multi-host test)
+#   curl              (the README test runs the README's curl examples)
 #
 # Idempotent: does nothing (not even `apt-get update`) when all is present.
 # Non-interactive (works as root with no stdin, e.g. in CI; uses `sudo -n`
@@ -21,9 +23,10 @@ command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
   missing+=(rabbitmq-server)
 command -v setpriv >/dev/null 2>&1 || missing+=(util-linux)
 command -v ss >/dev/null 2>&1 || missing+=(iproute2)
+command -v curl >/dev/null 2>&1 || missing+=(curl)
 
 if ((${#missing[@]} == 0)); then
-  log "all present: redis-server, rabbitmq-server, setpriv, ss"
+  log "all present: redis-server, rabbitmq-server, setpriv, ss, curl"
   exit 0
 fi
 
