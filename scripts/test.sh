@@ -15,10 +15,12 @@
 # (cargo's status).
 #
 # A full run (no package selection) then validates the deployment files
-# with scripts/check-deploy.sh.
+# with scripts/check-deploy.sh and runs scripts/multihost-test.sh (orchd,
+# workers, Redis and RabbitMQ on separate network namespaces).
 #
 # Environment: ORCH_TEST_SKIP_LINT=1 skips fmt and clippy;
-# ORCH_TEST_SKIP_DEPLOY=1 skips the deployment checks; ORCH_SERVICES_DIR
+# ORCH_TEST_SKIP_DEPLOY=1 skips the deployment checks;
+# ORCH_TEST_SKIP_MULTIHOST=1 skips the network-namespace test; ORCH_SERVICES_DIR
 # sets the services' state directory (default /tmp/orch-test-services; two
 # concurrent runs need different ones).
 set -euo pipefail
@@ -98,6 +100,12 @@ cargo test "${scope[@]}" "$@" || status=$?
 if ((status == 0)) && ((${#scope[@]} > 0)) && [[ ! ${ORCH_TEST_SKIP_DEPLOY:-0} =~ ^(1|true|yes)$ ]]; then
   section "Deployment checks (scripts/check-deploy.sh)"
   scripts/check-deploy.sh || status=$?
+fi
+# Several hosts on one machine: network namespaces joined by veth pairs;
+# skipped with a message where the machine does not allow them.
+if ((status == 0)) && ((${#scope[@]} > 0)) && [[ ! ${ORCH_TEST_SKIP_MULTIHOST:-0} =~ ^(1|true|yes)$ ]]; then
+  section "Multi-host test: network namespaces (scripts/multihost-test.sh)"
+  scripts/multihost-test.sh || status=$?
 fi
 if ((status == 0)); then
   section "All tests passed"

@@ -103,7 +103,7 @@ impl DevRunning {
             let _ = worker.await;
         }
         self.server_stop.cancel();
-        self.server.wait().await;
+        self.server.wait(&self.server_stop).await;
     }
 }
 

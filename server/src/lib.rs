@@ -64,10 +64,28 @@ pub struct Running {
     handle: JoinHandle<()>,
 }
 
+/// How long a graceful shutdown may take before open connections are cut:
+/// a client behind a network partition must not keep orchd alive.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+
 impl Running {
-    /// Waits until every part has stopped after shutdown.
-    pub async fn wait(self) {
-        let _ = self.handle.await;
+    /// Waits until every part has stopped after shutdown; once `shutdown`
+    /// was cancelled, waits at most [`SHUTDOWN_GRACE`], then cuts what is
+    /// left (streams and connections that would not close).
+    pub async fn wait(self, shutdown: &CancellationToken) {
+        let mut handle = self.handle;
+        let deadline = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        };
+        tokio::select! {
+            _ = &mut handle => {}
+            _ = deadline => {
+                tracing::warn!(grace = ?SHUTDOWN_GRACE, "graceful shutdown took too long; closing the remaining connections");
+                handle.abort();
+                let _ = handle.await;
+            }
+        }
     }
 }
 
@@ -164,7 +182,11 @@ pub async fn start_with(
         .build_v1alpha()
         .map_err(|e| ServerError::Reflection(e.to_string()))?;
 
+    // Keepalive pings find clients that vanished behind a partition, so
+    // their streams and connections do not linger.
     let grpc = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -236,6 +258,6 @@ pub async fn start_with(
 
 /// Runs `orchd serve` until `shutdown` is cancelled.
 pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(), ServerError> {
-    start(config, shutdown).await?.wait().await;
+    start(config, shutdown.clone()).await?.wait(&shutdown).await;
     Ok(())
 }

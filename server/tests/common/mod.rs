@@ -70,9 +70,9 @@ impl TestServer {
     pub async fn stop(mut self) {
         self.shutdown.cancel();
         if let Some(running) = self.running.take() {
-            tokio::time::timeout(Duration::from_secs(20), running.wait())
+            tokio::time::timeout(Duration::from_secs(30), running.wait(&self.shutdown))
                 .await
-                .expect("orchd stops within 20s");
+                .expect("orchd stops within 30s");
         }
     }
 }
