@@ -254,6 +254,16 @@ pub struct ListQuery {
     pub page_token: Option<String>,
 }
 
+impl ListQuery {
+    /// Whether `job` passes every filter of the query. Stores read the
+    /// index of one filter and check the others with this.
+    pub fn matches(&self, job: &crate::proto::v1::Job) -> bool {
+        self.state.is_none_or(|s| job.state == s.to_proto() as i32)
+            && self.kind.as_deref().is_none_or(|k| job.kind == k)
+            && self.queue.as_deref().is_none_or(|q| job.queue == q)
+    }
+}
+
 /// Validates a list request and fills in the defaults.
 pub fn list(req: &ListJobsRequest) -> Result<ListQuery> {
     let state = match job::State::try_from(req.state) {

@@ -685,23 +685,9 @@ fn decode_token(token: &str) -> Result<(i64, u128)> {
     Ok((ms, id.as_u128()))
 }
 
-struct Filter {
-    state: Option<State>,
-    kind: Option<String>,
-    queue: Option<String>,
-}
-
-impl Filter {
-    fn matches(&self, job: &Job) -> bool {
-        self.state.is_none_or(|s| job.state == s.to_proto() as i32)
-            && self.kind.as_deref().is_none_or(|k| job.kind == k)
-            && self.queue.as_deref().is_none_or(|q| job.queue == q)
-    }
-}
-
 /// The index a query reads (the most selective filter, in the same order as
-/// the Redis store) and the filters checked on each job.
-fn plan(query: &ListQuery) -> (String, Filter) {
+/// the Redis store); the other filters are checked on each job.
+fn plan(query: &ListQuery) -> String {
     let name = if let Some(state) = query.state {
         state_index(state)
     } else if let Some(kind) = &query.kind {
@@ -711,18 +697,13 @@ fn plan(query: &ListQuery) -> (String, Filter) {
     } else {
         "all".to_owned()
     };
-    let filter = Filter {
-        state: query.state,
-        kind: query.kind.clone(),
-        queue: query.queue.clone(),
-    };
-    (name, filter)
+    name
 }
 
 fn list(txn: &ReadTransaction, query: &ListQuery, cursor: Option<(i64, u128)>) -> Result<Page> {
     let index = txn.open_table(INDEX).db()?;
     let jobs = txn.open_table(JOBS).db()?;
-    let (name, filter) = plan(query);
+    let name = plan(query);
     let low = index_key(&name, i64::MIN, 0);
     let high = match cursor {
         Some((ms, id)) => Bound::Excluded(index_key(&name, ms, id)),
@@ -753,7 +734,7 @@ fn list(txn: &ReadTransaction, query: &ListQuery, cursor: Option<(i64, u128)>) -
             continue;
         };
         let job = record.job()?;
-        if !filter.matches(job) {
+        if !query.matches(job) {
             continue;
         }
         if page.len() == want {

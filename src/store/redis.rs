@@ -228,22 +228,18 @@ impl RedisStore {
         self.key(&["hist:", id])
     }
 
-    fn index_key(&self, query: &ListQuery) -> (String, Filter) {
-        let filter = Filter {
-            state: query.state,
-            kind: query.kind.clone(),
-            queue: query.queue.clone(),
-        };
+    /// The index a query reads: its most selective filter's.
+    fn index_key(&self, query: &ListQuery) -> String {
         if let Some(state) = query.state {
-            return (self.key(&["idx:state:", state.as_str()]), filter);
+            return self.key(&["idx:state:", state.as_str()]);
         }
         if let Some(kind) = &query.kind {
-            return (self.key(&["idx:kind:", kind]), filter);
+            return self.key(&["idx:kind:", kind]);
         }
         if let Some(queue) = &query.queue {
-            return (self.key(&["idx:queue:", queue]), filter);
+            return self.key(&["idx:queue:", queue]);
         }
-        (self.key(&["idx:all"]), filter)
+        self.key(&["idx:all"])
     }
 
     /// The keys and arguments of the create script for one job, and the
@@ -372,20 +368,6 @@ impl PreparedCreate {
 
 /// A job hash as HGETALL returns it.
 type Fields = Vec<(String, Vec<u8>)>;
-
-struct Filter {
-    state: Option<State>,
-    kind: Option<String>,
-    queue: Option<String>,
-}
-
-impl Filter {
-    fn matches(&self, job: &Job) -> bool {
-        self.state.is_none_or(|s| job.state == s.to_proto() as i32)
-            && self.kind.as_deref().is_none_or(|k| job.kind == k)
-            && self.queue.as_deref().is_none_or(|q| job.queue == q)
-    }
-}
 
 fn index_member(created_ms: i64, id: &str) -> String {
     format!("{created_ms:013}:{id}")
@@ -557,7 +539,7 @@ impl JobStore for RedisStore {
     }
 
     async fn list(&self, query: &ListQuery) -> Result<Page> {
-        let (index, filter) = self.index_key(query);
+        let index = self.index_key(query);
         let mut cursor = match &query.page_token {
             Some(token) => format!("({}", decode_token(token)?),
             None => "+".to_owned(),
@@ -589,7 +571,7 @@ impl JobStore for RedisStore {
                 scanned += 1;
                 cursor = format!("({member}");
                 // A job purged between the index read and the job read is skipped.
-                if let Some(job) = job.filter(|j| filter.matches(j)) {
+                if let Some(job) = job.filter(|j| query.matches(j)) {
                     jobs.push(job);
                     if jobs.len() == want {
                         let more = !exhausted || scanned < members.len();
