@@ -688,7 +688,7 @@ fn decode_token(token: &str) -> Result<(i64, u128)> {
 /// The index a query reads (the most selective filter, in the same order as
 /// the Redis store); the other filters are checked on each job.
 fn plan(query: &ListQuery) -> String {
-    let name = if let Some(state) = query.state {
+    if let Some(state) = query.state {
         state_index(state)
     } else if let Some(kind) = &query.kind {
         format!("kind:{kind}")
@@ -696,8 +696,7 @@ fn plan(query: &ListQuery) -> String {
         format!("queue:{queue}")
     } else {
         "all".to_owned()
-    };
-    name
+    }
 }
 
 fn list(txn: &ReadTransaction, query: &ListQuery, cursor: Option<(i64, u128)>) -> Result<Page> {
