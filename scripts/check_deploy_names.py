@@ -16,6 +16,9 @@ checks them against the source of truth:
   and the right ports, and liveness does not depend on Redis/RabbitMQ;
 * the workers' stop grace period outlasts their drain timeout, cancel grace
   and final report;
+* authentication is configured: orchd gets a tokens file (ORCH_TOKENS_FILE)
+  that a secret actually provides at that path, or says
+  ORCH_INSECURE_NO_AUTH on purpose, and workers get ORCH_TOKEN;
 * selectors match pods, references (Secrets, ConfigMaps, keys, HPA targets)
   resolve, every container has requests and limits and meets the
   "restricted" Pod Security Standard enforced on the namespace;
@@ -432,7 +435,54 @@ def check_compose(report: Report, facts: Facts, path: Path) -> dict:
     grace = parse_duration(raw) if raw else 10.0
     report.expect(grace > budget, f"worker stop_grace_period {fmt_s(grace)} > {parts} = {fmt_s(budget)}",
                   f"worker stop_grace_period {fmt_s(grace)} is not above {parts} = {fmt_s(budget)}")
+    check_auth_compose(report, doc, services)
     return {"image": images.get("api")}
+
+
+TRUTHY = {"1", "true", "yes", "on", "y", "t"}
+
+
+def auth_mode(report: Report, where: str, env: dict[str, str]) -> str | None:
+    """The tokens file orchd is given, "" when it runs without authentication
+    on purpose, None (after a failure) when neither: orchd would refuse to
+    listen on 0.0.0.0."""
+    tokens = env.get("ORCH_TOKENS_FILE")
+    insecure = str(env.get("ORCH_INSECURE_NO_AUTH", "")).strip().lower() in TRUTHY
+    if tokens:
+        report.ok(f"{where}: authentication on, tokens file {tokens}")
+        return tokens
+    if insecure:
+        report.note(f"{where}: ORCH_INSECURE_NO_AUTH: orchd serves without authentication")
+        return ""
+    report.fail(f"{where}: neither ORCH_TOKENS_FILE nor ORCH_INSECURE_NO_AUTH is set: "
+                "orchd refuses to listen on a non-loopback address without tokens")
+    return None
+
+
+def check_auth_compose(report: Report, doc: dict, services: dict) -> None:
+    api = services.get("api") or {}
+    tokens = auth_mode(report, "compose api", compose_env(api))
+    if not tokens:
+        return
+    declared = doc.get("secrets") or {}
+    provided = []
+    for item in api.get("secrets") or []:
+        name = item if isinstance(item, str) else item.get("source")
+        target = name if isinstance(item, str) else (item.get("target") or name)
+        if not str(target).startswith("/"):
+            target = f"/run/secrets/{target}"
+        if name in declared:
+            provided.append(target)
+    for vol in api.get("volumes") or []:
+        target = vol.get("target") if isinstance(vol, dict) else (str(vol).split(":") + [""])[1]
+        if target:
+            provided.append(target)
+    ok = any(tokens == t or tokens.startswith(t.rstrip("/") + "/") for t in provided)
+    report.expect(ok, f"compose api: {tokens} is provided by a declared secret or volume",
+                  f"compose api: ORCH_TOKENS_FILE={tokens}, but no declared secret or volume of api provides it ({provided})")
+    wenv = compose_env(services.get("worker") or {})
+    report.expect("ORCH_TOKEN" in wenv, "compose worker: ORCH_TOKEN is set (orchd checks tokens)",
+                  "compose worker: no ORCH_TOKEN although orchd checks tokens: every report would be refused (401)")
 
 
 def strings_in(node) -> list[str]:
@@ -600,6 +650,7 @@ def check_k8s(report: Report, facts: Facts, folder: Path, compose_image: str | N
                       f"images differ: k8s api {images['orchd']}, k8s worker {images['orch-worker']}, compose {compose_image}")
 
     check_selectors(report, m, workloads, services)
+    check_auth_k8s(report, m, workloads)
     redis = m.named("StatefulSet", "redis")
     if redis:
         args = " ".join(str(a) for a in (pod_spec(redis)["containers"][0].get("args") or []))
@@ -767,6 +818,50 @@ def check_restricted(report: Report, where: str, spec: dict) -> None:
                 problems.append(f"{name}: hostPort {p['hostPort']}")
     report.expect(not problems, f"{where}: meets the restricted Pod Security Standard",
                   f"{where}: violates the restricted Pod Security Standard: {'; '.join(problems)}")
+
+
+def check_auth_k8s(report: Report, m: Manifests, workloads: list[dict]) -> None:
+    secured = False
+    workers = []
+    for w in workloads:
+        spec = pod_spec(w)
+        volumes = {v["name"]: v for v in spec.get("volumes") or []}
+        for c in all_containers(spec):
+            where = f"{w['kind']}/{w['metadata']['name']} container {c['name']}"
+            binary = binary_of(c)
+            if binary == "orch-worker":
+                workers.append((where, c))
+            if binary != "orchd":
+                continue
+            tokens = auth_mode(report, where, effective_env(m, c))
+            if not tokens:
+                continue
+            secured = True
+            found = None
+            for mount in c.get("volumeMounts") or []:
+                base = mount["mountPath"].rstrip("/")
+                if tokens.startswith(base + "/"):
+                    found = (mount, volumes.get(mount["name"]), tokens[len(base) + 1:])
+            if not report.expect(found is not None, f"{where}: {tokens} is under a volumeMount",
+                                 f"{where}: ORCH_TOKENS_FILE={tokens} is under no volumeMount"):
+                continue
+            mount, volume, rel = found
+            secret = (volume or {}).get("secret")
+            if not report.expect(secret is not None, f"{where}: {tokens} comes from a Secret volume",
+                                 f"{where}: the volume {mount['name']} holding {tokens} is not a Secret"):
+                continue
+            keys = m.secret_keys(secret.get("secretName", "")) or set()
+            paths = {i["path"]: i["key"] for i in secret.get("items") or []} or {k: k for k in keys}
+            report.expect(paths.get(rel) in keys,
+                          f"{where}: {tokens} is key {paths.get(rel)!r} of Secret {secret.get('secretName')}",
+                          f"{where}: Secret {secret.get('secretName')} provides no key at {rel!r} ({paths})")
+    if secured:
+        for where, c in workers:
+            names = {e["name"] for e in c.get("env") or []}
+            names |= {k for src in c.get("envFrom") or [] if "secretRef" in src
+                      for k in (m.secret_keys(src["secretRef"]["name"]) or set())}
+            report.expect("ORCH_TOKEN" in names, f"{where}: ORCH_TOKEN is set (orchd checks tokens)",
+                          f"{where}: no ORCH_TOKEN although orchd checks tokens: every report would be refused (401)")
 
 
 def check_selectors(report: Report, m: Manifests, workloads: list[dict], services: dict[str, dict]) -> None:

@@ -50,6 +50,13 @@ pub enum Error {
     /// A bug or corrupt data.
     #[error("internal error: {0}")]
     Internal(String),
+    /// No valid credentials: the bearer token is missing, malformed or
+    /// unknown. The message never contains the token.
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    /// Valid credentials whose role may not do this.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
 }
 
 /// Shorthand for results of this crate.
@@ -76,6 +83,8 @@ impl Error {
             Error::Unavailable { .. } => Code::Unavailable,
             Error::ResourceExhausted(_) => Code::ResourceExhausted,
             Error::Internal(_) => Code::Internal,
+            Error::Unauthenticated(_) => Code::Unauthenticated,
+            Error::PermissionDenied(_) => Code::PermissionDenied,
         }
     }
 }
@@ -174,6 +183,16 @@ mod tests {
                 429,
             ),
             (Error::Internal("bug".into()), Code::Internal, 500),
+            (
+                Error::Unauthenticated("missing".into()),
+                Code::Unauthenticated,
+                401,
+            ),
+            (
+                Error::PermissionDenied("role".into()),
+                Code::PermissionDenied,
+                403,
+            ),
         ];
         for (err, code, http) in cases {
             assert_eq!(err.code(), code, "{err}");

@@ -87,6 +87,9 @@ pub struct NewJob {
     pub idempotency_key: String,
     /// Per-attempt time limit.
     pub timeout: Option<Duration>,
+    /// Name of the token that submitted the job; empty when authentication
+    /// is off. Recorded in the first history entry ("submitted by NAME").
+    pub submitted_by: String,
 }
 
 impl NewJob {
@@ -106,6 +109,23 @@ impl NewJob {
             updated_at: Some(ms_to_timestamp(now_ms)),
             timeout: self.timeout.map(duration_to_proto),
             ..Job::default()
+        }
+    }
+
+    /// The first history entry: CREATED, "submitted" or "submitted by NAME".
+    pub fn created_transition(&self, now_ms: i64) -> crate::proto::v1::Transition {
+        let reason = if self.submitted_by.is_empty() {
+            "submitted".to_owned()
+        } else {
+            format!("submitted by {}", self.submitted_by)
+        };
+        crate::proto::v1::Transition {
+            from: 0,
+            to: State::Created.to_proto() as i32,
+            at: Some(ms_to_timestamp(now_ms)),
+            attempt: 0,
+            reason,
+            worker_id: String::new(),
         }
     }
 }

@@ -4,6 +4,7 @@
 //! mapping to gRPC status codes.
 
 pub mod attempt;
+pub mod auth;
 pub mod error;
 pub mod job;
 pub mod process;

@@ -204,6 +204,7 @@ pub fn submit(req: &SubmitJobRequest, limits: &Limits) -> Result<NewJob> {
         labels: req.labels.clone(),
         idempotency_key: key.clone(),
         timeout,
+        submitted_by: String::new(),
     })
 }
 

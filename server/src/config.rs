@@ -2,9 +2,11 @@
 //! are humantime (`30s`, `7d`).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use orchestrator::auth::Role;
 
 /// orchd, the orchestrator control plane.
 #[derive(Debug, Parser)]
@@ -27,6 +29,33 @@ pub enum Command {
     /// Run everything in one process: the API, an embedded store, an
     /// in-process queue and workers. No Redis or RabbitMQ needed.
     Dev(crate::dev::DevConfig),
+    /// Create bearer tokens for --tokens-file.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+/// `orchd token ...`.
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Print a new random token on stdout (shown once, never stored), and on
+    /// stderr the line to add to the tokens file (a `#` comment and
+    /// `name:role:namespace:sha256hex`), e.g.
+    /// `TOKEN=$(orchd token new alice --role client 2>>tokens)`.
+    New {
+        /// Who the token is for; recorded in the history of the jobs it
+        /// submits or cancels.
+        name: String,
+        /// client (JobService), worker (WorkerService) or admin (both).
+        #[arg(long, value_parser = parse_role)]
+        role: Role,
+        /// The token's namespace (recorded; jobs are not isolated by it yet).
+        #[arg(long, default_value = orchestrator::auth::DEFAULT_NAMESPACE)]
+        namespace: String,
+    },
+}
+
+fn parse_role(value: &str) -> Result<Role, String> {
+    Role::parse(value).ok_or_else(|| format!("unknown role {value:?}: client, worker or admin"))
 }
 
 /// How logs are written.
@@ -70,6 +99,23 @@ pub struct ServeConfig {
     /// that stops renewing it for this long is considered lost.
     #[arg(long, env = "ORCH_LEASE", default_value = "30s", value_parser = humantime::parse_duration)]
     pub lease: Duration,
+    #[command(flatten)]
+    pub auth: AuthConfig,
+}
+
+/// Authentication settings of `orchd serve` and `orchd dev`.
+#[derive(Debug, Clone, Default, Args)]
+pub struct AuthConfig {
+    /// File of accepted bearer tokens, one `name:role:namespace:sha256hex`
+    /// per line (`orchd token new` makes them; a mounted Kubernetes Secret
+    /// works). Read at start. Without it, authentication is off and orchd
+    /// refuses non-loopback addresses unless --insecure-no-auth.
+    #[arg(long, env = "ORCH_TOKENS_FILE")]
+    pub tokens_file: Option<PathBuf>,
+    /// Serve without authentication on a non-loopback address anyway, e.g.
+    /// behind a proxy that authenticates. Ignored when --tokens-file is set.
+    #[arg(long, env = "ORCH_INSECURE_NO_AUTH")]
+    pub insecure_no_auth: bool,
 }
 
 impl ServeConfig {
@@ -85,6 +131,7 @@ impl ServeConfig {
             retention: Duration::from_secs(7 * 24 * 3600),
             max_payload_bytes: 1024 * 1024,
             lease: Duration::from_secs(30),
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -122,6 +169,47 @@ mod tests {
         };
         assert!(cfg.ephemeral);
         assert_eq!(cfg.workers, 5);
+    }
+
+    #[test]
+    fn auth_flags_and_token_command() {
+        let cli = Cli::try_parse_from(["orchd", "serve"]).unwrap();
+        let Command::Serve(cfg) = cli.command else {
+            panic!("serve")
+        };
+        assert!(cfg.auth.tokens_file.is_none() && !cfg.auth.insecure_no_auth);
+        let cli = Cli::try_parse_from([
+            "orchd",
+            "serve",
+            "--tokens-file",
+            "/run/secrets/tokens",
+            "--insecure-no-auth",
+        ])
+        .unwrap();
+        let Command::Serve(cfg) = cli.command else {
+            panic!("serve")
+        };
+        assert_eq!(
+            cfg.auth.tokens_file,
+            Some(PathBuf::from("/run/secrets/tokens"))
+        );
+        assert!(cfg.auth.insecure_no_auth);
+        let cli =
+            Cli::try_parse_from(["orchd", "token", "new", "bob", "--role", "worker"]).unwrap();
+        let Command::Token(TokenCommand::New {
+            name,
+            role,
+            namespace,
+        }) = cli.command
+        else {
+            panic!("token new")
+        };
+        assert_eq!(
+            (name.as_str(), role, namespace.as_str()),
+            ("bob", Role::Worker, "default")
+        );
+        assert!(Cli::try_parse_from(["orchd", "token", "new", "bob", "--role", "root"]).is_err());
+        assert!(Cli::try_parse_from(["orchd", "token", "new", "bob"]).is_err());
     }
 
     #[test]

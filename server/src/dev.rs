@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use clap::Args;
 use orchestrator::attempt;
+use orchestrator::auth::{Role, TokenEntry};
 use orchestrator::job::{job_state, now_ms, timestamp_to_ms};
 use orchestrator::proto::v1::ServerInfo;
 use orchestrator::queue::memory::MemoryQueue;
@@ -22,13 +23,14 @@ use orchestrator::validate::ListQuery;
 use orchestrator_worker::{Registry, Source, WorkerConfig};
 use tokio_util::sync::CancellationToken;
 
+use crate::config::AuthConfig;
 use crate::{Backend, Running, ServeConfig, ServerError};
 
 /// Settings of `orchd dev`.
 #[derive(Debug, Clone, Args)]
 pub struct DevConfig {
-    /// Where the gRPC API listens (loopback by default: dev mode has no
-    /// authentication).
+    /// Where the gRPC API listens (loopback by default: without
+    /// --tokens-file dev mode has no authentication).
     #[arg(long, env = "ORCH_GRPC_ADDR", default_value = "127.0.0.1:50051")]
     pub grpc_addr: SocketAddr,
     /// Where the REST shim listens.
@@ -55,6 +57,8 @@ pub struct DevConfig {
     /// Lease of a running attempt.
     #[arg(long, env = "ORCH_LEASE", default_value = "30s", value_parser = humantime::parse_duration)]
     pub lease: Duration,
+    #[command(flatten)]
+    pub auth: AuthConfig,
 }
 
 impl DevConfig {
@@ -70,6 +74,7 @@ impl DevConfig {
             retention: Duration::from_secs(7 * 24 * 3600),
             max_payload_bytes: 1024 * 1024,
             lease: Duration::from_secs(30),
+            auth: AuthConfig::default(),
         }
     }
 
@@ -80,9 +85,14 @@ impl DevConfig {
         config.retention = self.retention;
         config.max_payload_bytes = self.max_payload_bytes;
         config.lease = self.lease;
+        config.auth = self.auth.clone();
         config
     }
 }
+
+/// Name of the token of `orchd dev`'s in-process workers (when
+/// --tokens-file is set); reserved in the tokens file.
+pub const DEV_WORKER_TOKEN_NAME: &str = "orchd-dev-worker";
 
 /// A running `orchd dev`.
 pub struct DevRunning {
@@ -140,8 +150,25 @@ pub async fn start(config: DevConfig) -> Result<DevRunning, ServerError> {
                 .into(),
         },
     };
+    // With tokens on, the in-process workers get a worker token of their
+    // own, made up now and known only to this process.
+    let worker_token = orchestrator::auth::new_token();
+    let worker_entry = TokenEntry::for_token(
+        DEV_WORKER_TOKEN_NAME,
+        Role::Worker,
+        orchestrator::auth::DEFAULT_NAMESPACE,
+        &worker_token,
+    )
+    .map_err(|e| ServerError::Config(orchestrator::Error::Internal(e)))?;
+    let serve_config = config.serve_config();
+    let auth = crate::auth::from_config(
+        &serve_config.auth,
+        &[serve_config.grpc_addr, serve_config.http_addr],
+        Some(worker_entry),
+    )?;
+    let worker_token = auth.is_enabled().then_some(worker_token);
     let server_stop = CancellationToken::new();
-    let server = crate::start_with(&config.serve_config(), backend, server_stop.clone()).await?;
+    let server = crate::start_with_auth(&serve_config, backend, auth, server_stop.clone()).await?;
 
     let loopback = SocketAddr::from((Ipv4Addr::LOCALHOST, server.grpc_addr.port()));
     let workers_stop = CancellationToken::new();
@@ -152,6 +179,7 @@ pub async fn start(config: DevConfig) -> Result<DevRunning, ServerError> {
         worker.concurrency = 1;
         worker.enable_exec = config.enable_exec;
         worker.worker_id_prefix = Some("dev".into());
+        worker.token = worker_token.clone();
         let registry = Registry::with_builtins(&worker);
         let stop = workers_stop.clone();
         let source = Source::InProcess(queue.clone());

@@ -1,5 +1,6 @@
 //! The gRPC faces of [`JobService`] and [`AttemptService`]: decode, call, map the error. Nothing
-//! else happens here.
+//! else happens here; authentication is the interceptor's (`crate::auth`), which hands over the
+//! caller.
 
 use std::pin::Pin;
 
@@ -13,6 +14,7 @@ use orchestrator::proto::v1::{
 use tonic::{Request, Response, Status};
 
 use crate::attempts::AttemptService;
+use crate::auth::grpc_caller;
 use crate::service::JobService;
 
 /// The tonic implementation of `orchestrator.v1.JobService`.
@@ -34,8 +36,9 @@ impl job_service_server::JobService for GrpcJobs {
         &self,
         request: Request<SubmitJobRequest>,
     ) -> Result<Response<Job>, Status> {
+        let caller = grpc_caller(&request)?;
         Ok(Response::new(
-            self.service.submit(request.into_inner()).await?,
+            self.service.submit(request.into_inner(), &caller).await?,
         ))
     }
 
@@ -43,8 +46,11 @@ impl job_service_server::JobService for GrpcJobs {
         &self,
         request: Request<SubmitJobsRequest>,
     ) -> Result<Response<SubmitJobsResponse>, Status> {
+        let caller = grpc_caller(&request)?;
         Ok(Response::new(
-            self.service.submit_many(request.into_inner()).await?,
+            self.service
+                .submit_many(request.into_inner(), &caller)
+                .await?,
         ))
     }
 
@@ -58,8 +64,11 @@ impl job_service_server::JobService for GrpcJobs {
         &self,
         request: Request<CancelJobRequest>,
     ) -> Result<Response<Job>, Status> {
+        let caller = grpc_caller(&request)?;
         Ok(Response::new(
-            self.service.cancel(&request.into_inner().job_id).await?,
+            self.service
+                .cancel(&request.into_inner().job_id, &caller)
+                .await?,
         ))
     }
 

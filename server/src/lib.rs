@@ -3,6 +3,7 @@
 //! and runs them until shutdown.
 
 pub mod attempts;
+pub mod auth;
 pub mod config;
 pub mod dev;
 pub mod dispatch;
@@ -17,6 +18,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use orchestrator::auth::{Api, Authenticator};
 use orchestrator::proto::v1::ServerInfo;
 use orchestrator::proto::v1::job_service_server::JobServiceServer;
 use orchestrator::proto::v1::worker_service_server::WorkerServiceServer;
@@ -53,6 +55,9 @@ pub enum ServerError {
     /// The gRPC reflection service could not be built.
     #[error("reflection: {0}")]
     Reflection(String),
+    /// No tokens are configured and an address is not loopback.
+    #[error("{0}")]
+    Insecure(String),
 }
 
 /// A started orchd.
@@ -130,11 +135,23 @@ pub async fn start(
     start_with(&config, backend, shutdown).await
 }
 
-/// Starts a server on `backend`, listening and limited as `config` says
-/// (its Redis and RabbitMQ settings are not used).
+/// Starts a server on `backend`, listening, limited and authenticating as
+/// `config` says (its Redis and RabbitMQ settings are not used).
 pub async fn start_with(
     config: &ServeConfig,
     backend: Backend,
+    shutdown: CancellationToken,
+) -> Result<Running, ServerError> {
+    let auth = auth::from_config(&config.auth, &[config.grpc_addr, config.http_addr], None)?;
+    start_with_auth(config, backend, auth, shutdown).await
+}
+
+/// [`start_with`] with an authenticator already built (`config.auth` is
+/// not looked at).
+pub async fn start_with_auth(
+    config: &ServeConfig,
+    backend: Backend,
+    auth: Authenticator,
     shutdown: CancellationToken,
 ) -> Result<Running, ServerError> {
     let Backend { store, queue, info } = backend;
@@ -190,11 +207,16 @@ pub async fn start_with(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(JobServiceServer::new(grpc::GrpcJobs::new(service.clone())))
-        .add_service(WorkerServiceServer::new(grpc::GrpcWorkers::new(
-            attempts.clone(),
-            info,
-        )))
+        // Health and reflection are open; the two APIs are behind the
+        // authenticator, each for its roles.
+        .add_service(JobServiceServer::with_interceptor(
+            grpc::GrpcJobs::new(service.clone()),
+            auth::GrpcAuth::new(auth.clone(), Api::Jobs),
+        ))
+        .add_service(WorkerServiceServer::with_interceptor(
+            grpc::GrpcWorkers::new(attempts.clone(), info),
+            auth::GrpcAuth::new(auth.clone(), Api::Workers),
+        ))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
             shutdown.clone().cancelled_owned(),
@@ -208,6 +230,7 @@ pub async fn start_with(
             service: service.clone(),
             health: health.clone(),
         },
+        auth,
         max_body,
     );
     let http = axum::serve(http_listener, router)

@@ -7,12 +7,13 @@ use std::collections::HashMap;
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Extension, Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Json, Router, middleware};
 use futures::StreamExt;
+use orchestrator::auth::{Authenticator, Caller};
 use orchestrator::error::{Error, http_status};
 use orchestrator::proto::v1::{ListJobsRequest, SubmitJobRequest, SubmitJobsRequest, job};
 use serde::Serialize;
@@ -31,11 +32,16 @@ pub struct RestState {
 }
 
 /// The router of the REST surface. `max_body_bytes` bounds request bodies.
-pub fn router(state: RestState, max_body_bytes: usize) -> Router {
-    Router::new()
+/// The job routes are behind `auth` (client or admin); `/healthz` and
+/// `/openapi.json` are open.
+pub fn router(state: RestState, auth: Authenticator, max_body_bytes: usize) -> Router {
+    let jobs = Router::new()
         .route("/jobs", get(list_jobs).post(submit_job))
         .route("/jobs:batchSubmit", post(submit_jobs))
         .route("/jobs/{job_id}", get(get_job).delete(cancel_job))
+        .route_layer(middleware::from_fn_with_state(auth, crate::auth::rest_jobs));
+    Router::new()
+        .merge(jobs)
         .route("/healthz", get(healthz))
         .route("/openapi.json", get(openapi))
         .fallback(no_route)
@@ -115,22 +121,24 @@ fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
 
 async fn submit_job(
     State(state): State<RestState>,
+    Extension(caller): Extension<Caller>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
     let body = body_bytes(body)?;
     let request: SubmitJobRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::new(Code::InvalidArgument, format!("invalid JSON body: {e}")))?;
-    json(&state.service.submit(request).await?)
+    json(&state.service.submit(request, &caller).await?)
 }
 
 async fn submit_jobs(
     State(state): State<RestState>,
+    Extension(caller): Extension<Caller>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
     let body = body_bytes(body)?;
     let request: SubmitJobsRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::new(Code::InvalidArgument, format!("invalid JSON body: {e}")))?;
-    json(&state.service.submit_many(request).await?)
+    json(&state.service.submit_many(request, &caller).await?)
 }
 
 async fn get_job(State(state): State<RestState>, Path(job_id): Path<String>) -> ApiResult {
@@ -140,8 +148,12 @@ async fn get_job(State(state): State<RestState>, Path(job_id): Path<String>) -> 
     json(&state.service.get(&job_id).await?)
 }
 
-async fn cancel_job(State(state): State<RestState>, Path(job_id): Path<String>) -> ApiResult {
-    json(&state.service.cancel(&job_id).await?)
+async fn cancel_job(
+    State(state): State<RestState>,
+    Extension(caller): Extension<Caller>,
+    Path(job_id): Path<String>,
+) -> ApiResult {
+    json(&state.service.cancel(&job_id, &caller).await?)
 }
 
 /// Streams the job as newline-delimited JSON, each line `{"result": job}`

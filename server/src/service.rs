@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use futures::stream::{BoxStream, StreamExt};
 use orchestrator::attempt::transition;
+use orchestrator::auth::Caller;
 use orchestrator::error::{Error, Result};
 use orchestrator::job::{job_state, now_ms};
 use orchestrator::proto::v1::{
@@ -63,15 +64,17 @@ impl JobService {
 
     /// Validates and stores a job, then dispatches it. The job is durable in
     /// the store when this returns; if the publish fails, the dispatcher's
-    /// outbox loop publishes it later.
-    pub async fn submit(&self, req: SubmitJobRequest) -> Result<Job> {
-        let new = validate::submit(&req, &self.limits)?;
+    /// outbox loop publishes it later. The history records `caller`'s name
+    /// ("submitted by NAME") unless it is anonymous.
+    pub async fn submit(&self, req: SubmitJobRequest, caller: &Caller) -> Result<Job> {
+        let mut new = validate::submit(&req, &self.limits)?;
+        new.submitted_by = caller.name.clone();
         let id = Uuid::new_v4();
         let now = now_ms();
         let claim = now + self.dispatcher.claim_ttl_ms();
         match self.store.create(id, &new, now, claim).await? {
             Created::New(job) => {
-                tracing::info!(job_id = %id, kind = %job.kind, queue = %job.queue, "job submitted");
+                tracing::info!(job_id = %id, kind = %job.kind, queue = %job.queue, by = caller.actor().unwrap_or("-"), "job submitted");
                 self.dispatcher.dispatch_soon(&job, claim);
                 Ok(*job)
             }
@@ -84,7 +87,11 @@ impl JobService {
 
     /// Validates and stores a batch of jobs in one store round trip, then
     /// dispatches the new ones. All or nothing on validation.
-    pub async fn submit_many(&self, req: SubmitJobsRequest) -> Result<SubmitJobsResponse> {
+    pub async fn submit_many(
+        &self,
+        req: SubmitJobsRequest,
+        caller: &Caller,
+    ) -> Result<SubmitJobsResponse> {
         if req.jobs.is_empty() || req.jobs.len() > MAX_BATCH {
             return Err(Error::invalid(
                 "jobs",
@@ -96,13 +103,14 @@ impl JobService {
         }
         let mut batch = Vec::with_capacity(req.jobs.len());
         for (i, spec) in req.jobs.iter().enumerate() {
-            let new = validate::submit(spec, &self.limits).map_err(|e| match e {
+            let mut new = validate::submit(spec, &self.limits).map_err(|e| match e {
                 Error::InvalidArgument { field, message } => Error::InvalidArgument {
                     field: format!("jobs[{i}].{field}"),
                     message,
                 },
                 other => other,
             })?;
+            new.submitted_by = caller.name.clone();
             batch.push((Uuid::new_v4(), new));
         }
         let now = now_ms();
@@ -144,9 +152,15 @@ impl JobService {
     }
 
     /// Cancels a job: at once when it has not started or waits for a retry,
-    /// by request to its worker when it runs; idempotent on CANCELLED.
-    pub async fn cancel(&self, job_id: &str) -> Result<Job> {
+    /// by request to its worker when it runs; idempotent on CANCELLED. The
+    /// history records `caller`'s name ("cancelled by NAME", or a RUNNING
+    /// entry "cancel requested by NAME") unless it is anonymous.
+    pub async fn cancel(&self, job_id: &str, caller: &Caller) -> Result<Job> {
         let id = validate::job_id(job_id)?;
+        let cancelled = match caller.actor() {
+            Some(name) => format!("cancelled by {name}"),
+            None => "cancelled by user".to_owned(),
+        };
         for _ in 0..MAX_CAS_RETRIES {
             let job = self.get(job_id).await?;
             let current =
@@ -166,6 +180,16 @@ impl JobService {
                     to: Some(State::Running),
                     at_ms: now,
                     cancel_requested: Some(true),
+                    history: caller.actor().map(|name| {
+                        transition(
+                            State::Running,
+                            State::Running,
+                            now,
+                            job.attempt,
+                            &format!("cancel requested by {name}"),
+                            &job.worker_id,
+                        )
+                    }),
                     ..Change::default()
                 },
                 State::Created | State::Retrying => {
@@ -179,10 +203,10 @@ impl JobService {
                             State::Cancelled,
                             now,
                             job.attempt,
-                            "cancelled by user",
+                            &cancelled,
                             "",
                         )),
-                        error: Some("cancelled by user".into()),
+                        error: Some(cancelled.clone()),
                         finished: true,
                         next_attempt_ms: Some(None),
                         due: Due::Remove,
@@ -192,7 +216,7 @@ impl JobService {
             };
             match self.store.apply(id, &change).await? {
                 Applied::Done(job) => {
-                    tracing::info!(job_id = %id, from = %current, "cancel applied");
+                    tracing::info!(job_id = %id, from = %current, by = caller.actor().unwrap_or("-"), "cancel applied");
                     return Ok(*job);
                 }
                 Applied::NotFound => return Err(Error::NotFound(id.to_string())),

@@ -61,7 +61,7 @@ use uuid::Uuid;
 use super::{Applied, Change, Created, Due, DueJob, ExpiredLease, JobStore, LeaseChange, Page};
 use crate::error::{Error, Result};
 use crate::job::{NewJob, job_state, ms_to_timestamp};
-use crate::proto::v1::{Job, Transition};
+use crate::proto::v1::Job;
 use crate::state::State;
 use crate::validate::ListQuery;
 
@@ -457,14 +457,7 @@ impl<'t> Tables<'t> {
             return Err(Error::Conflict(format!("job id {id} already exists")));
         }
         let mut job = new.to_job(&id.to_string(), now_ms);
-        job.history.push(Transition {
-            from: 0,
-            to: State::Created.to_proto() as i32,
-            at: Some(ms_to_timestamp(now_ms)),
-            attempt: 0,
-            reason: "submitted".into(),
-            worker_id: String::new(),
-        });
+        job.history.push(new.created_transition(now_ms));
         for name in index_names(&job)? {
             self.index
                 .insert(index_key(&name, now_ms, raw).as_slice(), ())

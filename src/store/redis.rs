@@ -253,14 +253,7 @@ impl RedisStore {
             ..job.clone()
         };
         let member = index_member(now_ms, &id_str);
-        let created = Transition {
-            from: 0,
-            to: State::Created.to_proto() as i32,
-            at: Some(ms_to_timestamp(now_ms)),
-            attempt: 0,
-            reason: "submitted".into(),
-            worker_id: String::new(),
-        };
+        let created = new.created_transition(now_ms);
         let keys = vec![
             self.job_key(&id_str),
             self.hist_key(&id_str),

@@ -112,6 +112,19 @@ pub(crate) async fn check_server(client: &Client, server: &str) -> Result<(), Wo
                 )))
             }
         }
+        // A refused token will never work: say so now, not at the first job.
+        Err(status)
+            if matches!(
+                status.code(),
+                tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+            ) =>
+        {
+            Err(WorkerError::Config(format!(
+                "orchd at {server} refused this worker's credentials ({:?}): {}; check --token/ORCH_TOKEN (it needs a worker or admin token)",
+                status.code(),
+                status.message()
+            )))
+        }
         Err(status) => {
             tracing::debug!(code = ?status.code(), error = %status.message(), "GetServerInfo unanswered; starting anyway");
             Ok(())
