@@ -131,6 +131,10 @@ per line (NDJSON).
 The exit code tells how the job ended: 0 COMPLETED, 10 FAILED,
 11 CANCELLED.")]
     Watch(JobIdArg),
+
+    /// Benchmark orchd: submit many jobs, wait for all, report the rates
+    #[command(long_about = crate::bench::LONG_ABOUT)]
+    Bench(crate::bench::BenchArgs),
 }
 
 /// Arguments of `submit`.

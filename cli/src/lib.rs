@@ -6,6 +6,7 @@
 //! the error to an exit code; tests call [`run_to`] with their own writer.
 
 pub mod args;
+pub mod bench;
 pub mod client;
 pub mod commands;
 pub mod exit;
@@ -36,5 +37,6 @@ pub async fn run_to(cli: Cli, out: &mut impl Write) -> Result<(), CliError> {
         Command::Cancel(args) => commands::cancel(&global, args, out).await,
         Command::List(args) => commands::list(&global, args, out).await,
         Command::Watch(args) => commands::watch(&global, args, out).await,
+        Command::Bench(args) => crate::bench::bench(&global, args, out).await,
     }
 }

@@ -218,7 +218,9 @@ pub async fn start_with_auth(
             auth::GrpcAuth::new(auth.clone(), Api::Workers),
         ))
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+            // Small responses must leave at once: without TCP_NODELAY,
+            // Nagle plus delayed ACKs add ~40 ms to every call.
+            tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
             shutdown.clone().cancelled_owned(),
         );
     let max_body = config
@@ -233,6 +235,11 @@ pub async fn start_with_auth(
         auth,
         max_body,
     );
+    let http_listener = axum::serve::ListenerExt::tap_io(http_listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY");
+        }
+    });
     let http = axum::serve(http_listener, router)
         .with_graceful_shutdown(shutdown.clone().cancelled_owned());
 
