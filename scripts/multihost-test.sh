@@ -443,7 +443,14 @@ log "rabbitmq up on $DATA_IP:5672, node $NODE, in $(((${EPOCHREALTIME/./} - T_SV
 # api: orchd; w1, w2: one worker each
 # ---------------------------------------------------------------------------
 T_APP=${EPOCHREALTIME/./}
+# Real credentials, as in production (orchd refuses a non-loopback address
+# without them): a client token for this script's calls, a worker token for
+# the workers. Tokens travel in the environment, never on a command line.
+CLIENT_TOKEN=$("$ORCHD" token new mh-client --role client 2>>"$TMP/tokens")
+WORKER_TOKEN=$("$ORCHD" token new mh-worker --role worker 2>>"$TMP/tokens")
+export ORCH_TOKEN=$CLIENT_TOKEN
 start orchd "$NS_API" env RUST_LOG=info REDIS_URL="redis://$DATA_IP:6379/" AMQP_URL="$AMQP_URL" \
+  ORCH_TOKENS_FILE="$TMP/tokens" \
   "$ORCHD" serve --grpc-addr "$API_IP:50051" --http-addr "$API_IP:8000" --lease "$LEASE"
 BASE=http://$API_IP:8000
 orchd_healthy() {
@@ -454,7 +461,7 @@ log "orchd healthy at $BASE (gRPC $API_IP:50051) in $(((${EPOCHREALTIME/./} - T_
 
 for w in 1 2; do
   ns_var=NS_W$w prefix_var=W${w}_PREFIX
-  start "w$w" "${!ns_var}" env RUST_LOG=info "$WORKER" --server "http://$API_IP:50051" \
+  start "w$w" "${!ns_var}" env RUST_LOG=info ORCH_TOKEN="$WORKER_TOKEN" "$WORKER" --server "http://$API_IP:50051" \
     --amqp-url "$AMQP_URL" --queues default --concurrency 1 --lease "$LEASE" \
     --heartbeat-interval "$HEARTBEAT" --drain-timeout 2s --worker-id "${!prefix_var}"
 done
@@ -480,7 +487,7 @@ api_py() { ip netns exec "$NS_API" python3 "$ROOT/scripts/multihost/jobs.py" "$@
 ids=()
 for _ in $(seq "$JOBS"); do
   body=$(ip netns exec "$NS_API" curl -sS --fail-with-body --noproxy '*' -m 5 -X POST \
-    -H 'content-type: application/json' \
+    -H 'content-type: application/json' -H "Authorization: Bearer $CLIENT_TOKEN" \
     -d "{\"kind\":\"sleep\",\"payload\":{\"seconds\":$JOB_SECONDS}}" "$BASE/jobs") ||
     die "POST /jobs failed: $body"
   id=$(python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])' <<<"$body") ||

@@ -22,6 +22,7 @@ namespaces.
 import json
 import re
 import sys
+import os
 import time
 import urllib.error
 import urllib.request
@@ -36,6 +37,9 @@ def request(method, url, body=None, timeout=5.0):
     req = urllib.request.Request(url, data=data, method=method)
     if data is not None:
         req.add_header("content-type", "application/json")
+    token = os.environ.get("ORCH_TOKEN")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
     with OPENER.open(req, timeout=timeout) as resp:
         return json.loads(resp.read().decode())
 
