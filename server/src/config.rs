@@ -89,6 +89,15 @@ pub struct ServeConfig {
     /// Prefix of every Redis key orchd writes.
     #[arg(long, env = "ORCH_REDIS_PREFIX", default_value = "orch:")]
     pub redis_prefix: String,
+    #[command(flatten)]
+    pub jobs: JobSettings,
+    #[command(flatten)]
+    pub auth: AuthConfig,
+}
+
+/// How jobs are kept and run, the same for `orchd serve` and `orchd dev`.
+#[derive(Debug, Clone, Args)]
+pub struct JobSettings {
     /// How long terminal jobs are kept before they are purged.
     #[arg(long, env = "ORCH_RETENTION", default_value = "7d", value_parser = humantime::parse_duration)]
     pub retention: Duration,
@@ -99,8 +108,16 @@ pub struct ServeConfig {
     /// that stops renewing it for this long is considered lost.
     #[arg(long, env = "ORCH_LEASE", default_value = "30s", value_parser = humantime::parse_duration)]
     pub lease: Duration,
-    #[command(flatten)]
-    pub auth: AuthConfig,
+}
+
+impl Default for JobSettings {
+    fn default() -> Self {
+        JobSettings {
+            retention: Duration::from_secs(7 * 24 * 3600),
+            max_payload_bytes: 1024 * 1024,
+            lease: Duration::from_secs(30),
+        }
+    }
 }
 
 /// Authentication settings of `orchd serve` and `orchd dev`.
@@ -128,9 +145,7 @@ impl ServeConfig {
             redis_url: redis_url.into(),
             amqp_url: amqp_url.into(),
             redis_prefix: "orch:".into(),
-            retention: Duration::from_secs(7 * 24 * 3600),
-            max_payload_bytes: 1024 * 1024,
-            lease: Duration::from_secs(30),
+            jobs: JobSettings::default(),
             auth: AuthConfig::default(),
         }
     }
@@ -148,8 +163,8 @@ mod tests {
         };
         assert_eq!(cfg.grpc_addr.port(), 50051);
         assert_eq!(cfg.http_addr.port(), 8000);
-        assert_eq!(cfg.retention, Duration::from_secs(7 * 24 * 3600));
-        assert_eq!(cfg.max_payload_bytes, 1 << 20);
+        assert_eq!(cfg.jobs.retention, Duration::from_secs(7 * 24 * 3600));
+        assert_eq!(cfg.jobs.max_payload_bytes, 1 << 20);
     }
 
     #[test]
@@ -218,7 +233,7 @@ mod tests {
         let Command::Serve(cfg) = cli.command else {
             panic!("serve")
         };
-        assert_eq!(cfg.retention, Duration::from_secs(7200));
+        assert_eq!(cfg.jobs.retention, Duration::from_secs(7200));
         assert!(Cli::try_parse_from(["orchd", "serve", "--retention", "soon"]).is_err());
     }
 }

@@ -8,7 +8,6 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use clap::Args;
 use orchestrator::attempt;
@@ -23,7 +22,7 @@ use orchestrator::validate::ListQuery;
 use orchestrator_worker::{Registry, Source, WorkerConfig};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::AuthConfig;
+use crate::config::{AuthConfig, JobSettings};
 use crate::{Backend, Running, ServeConfig, ServerError};
 
 /// Settings of `orchd dev`.
@@ -48,15 +47,8 @@ pub struct DevConfig {
     /// Let the in-process workers run `exec` jobs (arbitrary commands).
     #[arg(long, env = "ORCH_ENABLE_EXEC")]
     pub enable_exec: bool,
-    /// How long terminal jobs are kept.
-    #[arg(long, env = "ORCH_RETENTION", default_value = "7d", value_parser = humantime::parse_duration)]
-    pub retention: Duration,
-    /// Largest accepted job payload, in bytes.
-    #[arg(long, env = "ORCH_MAX_PAYLOAD_BYTES", default_value_t = 1024 * 1024)]
-    pub max_payload_bytes: usize,
-    /// Lease of a running attempt.
-    #[arg(long, env = "ORCH_LEASE", default_value = "30s", value_parser = humantime::parse_duration)]
-    pub lease: Duration,
+    #[command(flatten)]
+    pub jobs: JobSettings,
     #[command(flatten)]
     pub auth: AuthConfig,
 }
@@ -71,9 +63,7 @@ impl DevConfig {
             data_dir: PathBuf::from("./.orch"),
             ephemeral: true,
             enable_exec: false,
-            retention: Duration::from_secs(7 * 24 * 3600),
-            max_payload_bytes: 1024 * 1024,
-            lease: Duration::from_secs(30),
+            jobs: JobSettings::default(),
             auth: AuthConfig::default(),
         }
     }
@@ -82,9 +72,7 @@ impl DevConfig {
         let mut config = ServeConfig::local("", "");
         config.grpc_addr = self.grpc_addr;
         config.http_addr = self.http_addr;
-        config.retention = self.retention;
-        config.max_payload_bytes = self.max_payload_bytes;
-        config.lease = self.lease;
+        config.jobs = self.jobs.clone();
         config.auth = self.auth.clone();
         config
     }
@@ -120,14 +108,14 @@ impl DevRunning {
 /// Starts `orchd dev` and returns once it listens and its workers run.
 pub async fn start(config: DevConfig) -> Result<DevRunning, ServerError> {
     let store: Arc<dyn JobStore> = if config.ephemeral {
-        Arc::new(EmbeddedStore::in_memory(config.retention)?)
+        Arc::new(EmbeddedStore::in_memory(config.jobs.retention)?)
     } else {
         std::fs::create_dir_all(&config.data_dir).map_err(|e| {
             orchestrator::Error::invalid("data_dir", format!("{}: {e}", config.data_dir.display()))
         })?;
         Arc::new(EmbeddedStore::open(
             &config.data_dir.join("jobs.redb"),
-            config.retention,
+            config.jobs.retention,
         )?)
     };
     let recovered = recover(store.as_ref()).await?;

@@ -120,7 +120,7 @@ pub async fn start(
     let store_config = RedisStoreConfig {
         url: config.redis_url.clone(),
         prefix: config.redis_prefix.clone(),
-        retention: config.retention,
+        retention: config.jobs.retention,
     };
     let backend = Backend {
         store: Arc::new(RedisStore::new(&store_config)?),
@@ -156,14 +156,14 @@ pub async fn start_with_auth(
 ) -> Result<Running, ServerError> {
     let Backend { store, queue, info } = backend;
     let limits = Limits {
-        max_payload_bytes: config.max_payload_bytes,
+        max_payload_bytes: config.jobs.max_payload_bytes,
     };
     let dispatcher = Dispatcher::new(store.clone(), queue.clone(), DispatchConfig::default());
     let service = JobService::new(store.clone(), dispatcher.clone(), limits, shutdown.clone());
     let attempts = AttemptService::new(
         store.clone(),
         LeaseConfig {
-            default: config.lease,
+            default: config.jobs.lease,
             ..LeaseConfig::default()
         },
     );
@@ -224,6 +224,7 @@ pub async fn start_with_auth(
             shutdown.clone().cancelled_owned(),
         );
     let max_body = config
+        .jobs
         .max_payload_bytes
         .saturating_mul(2)
         .saturating_add(64 * 1024);

@@ -57,11 +57,6 @@ impl JobService {
         }
     }
 
-    /// The store, for the background loops that share it.
-    pub fn store(&self) -> &Arc<dyn JobStore> {
-        &self.store
-    }
-
     /// Validates and stores a job, then dispatches it. The job is durable in
     /// the store when this returns; if the publish fails, the dispatcher's
     /// outbox loop publishes it later. The history records `caller`'s name

@@ -29,7 +29,7 @@ use uuid::Uuid;
 
 use super::{Applied, Change, Created, Due, DueJob, ExpiredLease, JobStore, LeaseChange, Page};
 use crate::error::{Error, Result};
-use crate::job::{NewJob, ms_to_timestamp, now_ms};
+use crate::job::{NewJob, ms_to_timestamp};
 use crate::proto::v1::{Job, Transition};
 use crate::state::State;
 use crate::validate::ListQuery;
@@ -812,10 +812,5 @@ impl RedisStore {
             let _: () = conn.del(keys).await?;
         }
         Ok(())
-    }
-
-    /// Current time as the store sees it; here the local clock.
-    pub fn now_ms(&self) -> i64 {
-        now_ms()
     }
 }
