@@ -244,14 +244,14 @@ impl JobService {
         };
         let first = self.get(job_id).await?;
         let store = self.store.clone();
-        let stream = async_stream(store, id, first, changes)
+        let stream = watch_stream(store, id, first, changes)
             .take_until(self.shutdown.clone().cancelled_owned())
             .boxed();
         Ok(stream)
     }
 }
 
-fn async_stream(
+fn watch_stream(
     store: Arc<dyn JobStore>,
     id: Uuid,
     first: Job,
