@@ -469,7 +469,7 @@ done
 # any job is submitted, so that both get work.
 consumers() {
   ctl -q --no-table-headers list_queues name consumers 2>/dev/null |
-    awk '$1 == "orch.q.default" { print $2 }'
+    awk '$1 == "orch.q.default.default" { print $2 }'
 }
 deadline=$((SECONDS + START_TIMEOUT))
 until [[ $(consumers) == 2 ]]; do
@@ -478,7 +478,7 @@ until [[ $(consumers) == 2 ]]; do
   ((SECONDS < deadline)) || die "the workers did not both consume within ${START_TIMEOUT}s (consumers: $(consumers))"
   sleep 0.3
 done
-log "workers w1 ($W1_IP) and w2 ($W2_IP) consuming orch.q.default in $(((${EPOCHREALTIME/./} - T_APP) / 1000))ms"
+log "workers w1 ($W1_IP) and w2 ($W2_IP) consuming orch.q.default.default in $(((${EPOCHREALTIME/./} - T_APP) / 1000))ms"
 
 # ---------------------------------------------------------------------------
 # The scenario

@@ -18,8 +18,10 @@
 //!   characters; unique in the file.
 //! * `role`: `client` (JobService only), `worker` (WorkerService only) or
 //!   `admin` (both).
-//! * `namespace`: stored and reported for now; jobs are not isolated by it
-//!   yet.
+//! * `namespace`: the tenant. Jobs belong to the namespace of the token
+//!   that submitted them; a client or worker token sees only its
+//!   namespace's jobs and queues (another namespace's job answers NOT_FOUND).
+//!   An admin token sees every namespace. A DNS label (`[a-z][a-z0-9-]*`).
 //! * `sha256hex`: the SHA-256 of the token, 64 hex digits. The token itself
 //!   is never stored; `orchd token new` prints a fresh token and its line.
 
@@ -110,7 +112,7 @@ pub struct Caller {
     pub name: String,
     /// What it may do.
     pub role: Role,
-    /// Its namespace (not enforced yet).
+    /// Its namespace: the only one it sees, unless it is an admin.
     pub namespace: String,
 }
 
@@ -133,6 +135,28 @@ impl Caller {
     /// The name to record in a job's history, if any.
     pub fn actor(&self) -> Option<&str> {
         (!self.name.is_empty()).then_some(self.name.as_str())
+    }
+
+    /// Whether the caller may see jobs of `namespace`. Callers that may not
+    /// are answered NOT_FOUND, so that ids leak nothing across tenants.
+    pub fn sees(&self, namespace: &str) -> bool {
+        self.role == Role::Admin || self.namespace == namespace
+    }
+
+    /// The namespace a request works in: the caller's own when `requested`
+    /// is empty; another one only for an admin.
+    pub fn namespace_for(&self, requested: &str) -> Result<String, Error> {
+        if requested.is_empty() || requested == self.namespace {
+            return Ok(self.namespace.clone());
+        }
+        if self.role == Role::Admin {
+            crate::validate::namespace("namespace", requested)?;
+            return Ok(requested.to_owned());
+        }
+        Err(Error::PermissionDenied(format!(
+            "token {:?} belongs to namespace {:?} and may not use namespace {requested:?}",
+            self.name, self.namespace
+        )))
     }
 }
 
@@ -164,7 +188,7 @@ impl TokenEntry {
     /// in the file.
     pub fn for_token(name: &str, role: Role, namespace: &str, token: &str) -> Result<Self, String> {
         check_name("name", name)?;
-        check_name("namespace", namespace)?;
+        check_namespace(namespace)?;
         Ok(TokenEntry {
             name: name.into(),
             role,
@@ -192,6 +216,10 @@ impl TokenEntry {
             namespace: self.namespace.clone(),
         }
     }
+}
+
+fn check_namespace(value: &str) -> Result<(), String> {
+    crate::validate::namespace("namespace", value).map_err(|e| e.to_string())
 }
 
 fn check_name(what: &str, value: &str) -> Result<(), String> {
@@ -267,7 +295,7 @@ impl Tokens {
                 )));
             };
             check_name("name", name).map_err(err)?;
-            check_name("namespace", namespace).map_err(err)?;
+            check_namespace(namespace).map_err(err)?;
             let role = Role::parse(role).ok_or_else(|| {
                 err(format!(
                     "unknown role {role:?}; one of client, worker, admin"
@@ -498,7 +526,12 @@ mod tests {
             ),
             (format!(":client:default:{h}"), 1, "name must be 1 to 64"),
             (format!("a b:client:default:{h}"), 1, "contains ' '"),
-            (format!("a:client::{h}"), 1, "namespace must be"),
+            (
+                format!("a:client::{h}"),
+                1,
+                "invalid namespace: must be 1 to 63",
+            ),
+            (format!("a:client:Team.A:{h}"), 1, "must be a DNS label"),
             (
                 format!("a:client:default:{h}\na:worker:default:{}", hex_of("y")),
                 2,
@@ -604,5 +637,45 @@ mod tests {
         let caller = auth.authorize(None, Api::Workers).unwrap();
         assert!(caller.is_anonymous() && caller.actor().is_none());
         assert_eq!(caller, Caller::anonymous());
+    }
+
+    fn caller(role: Role, namespace: &str) -> Caller {
+        Caller {
+            name: "t".into(),
+            role,
+            namespace: namespace.into(),
+        }
+    }
+
+    #[test]
+    fn clients_and_workers_see_only_their_namespace_and_admins_see_all() {
+        for role in [Role::Client, Role::Worker] {
+            let c = caller(role, "team-a");
+            assert!(c.sees("team-a"));
+            assert!(!c.sees("team-b"));
+            assert!(!c.sees("default"));
+        }
+        let admin = caller(Role::Admin, "ops");
+        assert!(admin.sees("team-a") && admin.sees("ops"));
+        assert!(Caller::anonymous().sees("anything"));
+    }
+
+    #[test]
+    fn only_admins_may_work_in_another_namespace() {
+        let client = caller(Role::Client, "team-a");
+        assert_eq!(client.namespace_for("").unwrap(), "team-a");
+        assert_eq!(client.namespace_for("team-a").unwrap(), "team-a");
+        let err = client.namespace_for("team-b").unwrap_err();
+        assert!(
+            matches!(&err, Error::PermissionDenied(m) if m.contains("\"team-b\"")),
+            "{err:?}"
+        );
+        let admin = caller(Role::Admin, "ops");
+        assert_eq!(admin.namespace_for("").unwrap(), "ops");
+        assert_eq!(admin.namespace_for("team-b").unwrap(), "team-b");
+        assert!(matches!(
+            admin.namespace_for("Bad.Name"),
+            Err(Error::InvalidArgument { field, .. }) if field == "namespace"
+        ));
     }
 }

@@ -90,6 +90,9 @@ pub struct NewJob {
     /// Name of the token that submitted the job; empty when authentication
     /// is off. Recorded in the first history entry ("submitted by NAME").
     pub submitted_by: String,
+    /// The tenant the job belongs to. Empty only before the service has
+    /// resolved the caller's namespace; stored jobs always have one.
+    pub namespace: String,
 }
 
 impl NewJob {
@@ -108,6 +111,7 @@ impl NewJob {
             created_at: Some(ms_to_timestamp(now_ms)),
             updated_at: Some(ms_to_timestamp(now_ms)),
             timeout: self.timeout.map(duration_to_proto),
+            namespace: crate::validate::namespace_or_default(&self.namespace).to_owned(),
             ..Job::default()
         }
     }

@@ -41,6 +41,36 @@ pub const DEFAULT_PAGE_SIZE: u32 = 50;
 /// Largest page of ListJobs.
 pub const MAX_PAGE_SIZE: u32 = 1000;
 
+/// Longest namespace (a DNS label, like a Kubernetes namespace).
+pub const MAX_NAMESPACE_LEN: usize = 63;
+
+/// Checks a namespace: a lowercase letter, then lowercase letters, digits
+/// or '-', not ending in '-', at most 63 characters (a DNS label). No '.',
+/// so that `<namespace>.<queue>` names a RabbitMQ queue unambiguously, and
+/// no ':', so that it can sit inside Redis keys.
+pub fn namespace(field: &str, value: &str) -> Result<()> {
+    let rule = "must be a DNS label: a lowercase letter, then lowercase letters, digits or '-', not ending in '-'";
+    if value.is_empty() || value.len() > MAX_NAMESPACE_LEN {
+        return Err(Error::invalid(
+            field,
+            format!(
+                "must be 1 to {MAX_NAMESPACE_LEN} characters, got {}",
+                value.len()
+            ),
+        ));
+    }
+    let ok = value.starts_with(|c: char| c.is_ascii_lowercase())
+        && !value.ends_with('-')
+        && value
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(field, format!("{rule}, got {value:?}")))
+    }
+}
+
 /// Checks a kind or queue name: a lowercase letter, then lowercase letters,
 /// digits, '.', '_' or '-', at most 64 characters in all.
 pub fn name(field: &str, value: &str) -> Result<()> {
@@ -115,6 +145,9 @@ fn duration(
 /// Validates a submit request and fills in the defaults.
 pub fn submit(req: &SubmitJobRequest, limits: &Limits) -> Result<NewJob> {
     name("kind", &req.kind)?;
+    if !req.namespace.is_empty() {
+        namespace("namespace", &req.namespace)?;
+    }
     let queue = if req.queue.is_empty() {
         DEFAULT_QUEUE.to_owned()
     } else {
@@ -205,6 +238,7 @@ pub fn submit(req: &SubmitJobRequest, limits: &Limits) -> Result<NewJob> {
         idempotency_key: key.clone(),
         timeout,
         submitted_by: String::new(),
+        namespace: req.namespace.clone(),
     })
 }
 
@@ -253,13 +287,16 @@ pub struct ListQuery {
     pub page_size: u32,
     /// Opaque cursor from the previous page.
     pub page_token: Option<String>,
+    /// The namespace listed; empty until the service resolves the caller's.
+    pub namespace: String,
 }
 
 impl ListQuery {
     /// Whether `job` passes every filter of the query. Stores read the
     /// index of one filter and check the others with this.
     pub fn matches(&self, job: &crate::proto::v1::Job) -> bool {
-        self.state.is_none_or(|s| job.state == s.to_proto() as i32)
+        job_namespace(job) == namespace_or_default(&self.namespace)
+            && self.state.is_none_or(|s| job.state == s.to_proto() as i32)
             && self.kind.as_deref().is_none_or(|k| job.kind == k)
             && self.queue.as_deref().is_none_or(|q| job.queue == q)
     }
@@ -276,6 +313,9 @@ pub fn list(req: &ListJobsRequest) -> Result<ListQuery> {
             ));
         }
     };
+    if !req.namespace.is_empty() {
+        namespace("namespace", &req.namespace)?;
+    }
     let kind = (!req.kind.is_empty())
         .then(|| name("kind", &req.kind).map(|()| req.kind.clone()))
         .transpose()?;
@@ -298,7 +338,24 @@ pub fn list(req: &ListJobsRequest) -> Result<ListQuery> {
         queue,
         page_size,
         page_token: (!req.page_token.is_empty()).then(|| req.page_token.clone()),
+        namespace: req.namespace.clone(),
     })
+}
+
+/// The namespace of a stored job; jobs stored before namespaces existed
+/// belong to the default one.
+pub fn job_namespace(job: &crate::proto::v1::Job) -> &str {
+    namespace_or_default(&job.namespace)
+}
+
+/// `namespace`, or the default namespace when it is empty (not chosen yet,
+/// or written before namespaces existed).
+pub fn namespace_or_default(namespace: &str) -> &str {
+    if namespace.is_empty() {
+        crate::auth::DEFAULT_NAMESPACE
+    } else {
+        namespace
+    }
 }
 
 #[cfg(test)]
@@ -318,6 +375,44 @@ mod tests {
             Error::InvalidArgument { field, .. } => field,
             other => panic!("expected InvalidArgument, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn namespaces_are_dns_labels() {
+        for good in ["default", "a", "team-a", "t1", &"n".repeat(63)] {
+            assert!(namespace("namespace", good).is_ok(), "{good:?}");
+        }
+        for bad in [
+            "",
+            "Team",
+            "team.a",
+            "team_a",
+            "team:a",
+            "-a",
+            "a-",
+            "1a",
+            "tëam",
+            &"n".repeat(64),
+        ] {
+            assert_eq!(
+                field_of(namespace("namespace", bad).unwrap_err()),
+                "namespace",
+                "{bad:?}"
+            );
+        }
+        let spec = SubmitJobRequest {
+            namespace: "Not.Valid".into(),
+            ..spec("sleep")
+        };
+        assert_eq!(
+            field_of(submit(&spec, &Limits::default()).unwrap_err()),
+            "namespace"
+        );
+        let list_req = ListJobsRequest {
+            namespace: "a.b".into(),
+            ..ListJobsRequest::default()
+        };
+        assert_eq!(field_of(list(&list_req).unwrap_err()), "namespace");
     }
 
     #[test]

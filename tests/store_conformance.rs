@@ -106,6 +106,7 @@ conformance!(
     case_garbage_page_tokens_are_rejected,
     case_changes_yield_after_an_apply,
     case_unknown_ids_are_absent_and_not_found,
+    case_namespaces_keep_jobs_indexes_and_keys_apart,
 );
 
 fn new_job(kind: &str, key: &str) -> orchestrator::job::NewJob {
@@ -166,6 +167,7 @@ fn query() -> ListQuery {
         queue: None,
         page_size: 100,
         page_token: None,
+        namespace: String::new(),
     }
 }
 
@@ -748,4 +750,116 @@ async fn in_memory_store_is_private_to_its_instance() {
         clone.get(id).await.unwrap().is_some(),
         "clones share the data"
     );
+}
+
+/// Creates a job of `kind` in `namespace` with idempotency `key` and
+/// returns what the store answered.
+async fn create_in(store: &dyn JobStore, namespace: &str, kind: &str, key: &str) -> Created {
+    let mut new = new_job(kind, key);
+    new.namespace = namespace.into();
+    let now = now_ms();
+    store.create(Uuid::new_v4(), &new, now, now).await.unwrap()
+}
+
+fn in_namespace(namespace: &str) -> ListQuery {
+    ListQuery {
+        namespace: namespace.into(),
+        ..query()
+    }
+}
+
+async fn case_namespaces_keep_jobs_indexes_and_keys_apart(store: Arc<dyn JobStore>) {
+    // The same idempotency key in two namespaces makes two jobs.
+    let Created::New(a) = create_in(&*store, "tenant-a", "work", "same-key").await else {
+        panic!("a new job in tenant-a");
+    };
+    let Created::New(b) = create_in(&*store, "tenant-b", "work", "same-key").await else {
+        panic!("the key of tenant-a must not answer for tenant-b");
+    };
+    assert_ne!(a.id, b.id);
+    assert_eq!(
+        (a.namespace.as_str(), b.namespace.as_str()),
+        ("tenant-a", "tenant-b")
+    );
+    let Created::Existing(again) = create_in(&*store, "tenant-a", "work", "same-key").await else {
+        panic!("the key still answers within its namespace");
+    };
+    assert_eq!(again.id, a.id);
+    let stored = store.get(a.id.parse().unwrap()).await.unwrap().unwrap();
+    assert_eq!(stored.namespace, "tenant-a", "the namespace is stored");
+
+    // Every index is per namespace: no filter reveals the other's job.
+    for filter in [
+        query(),
+        ListQuery {
+            kind: Some("work".into()),
+            ..query()
+        },
+        ListQuery {
+            queue: Some("default".into()),
+            ..query()
+        },
+        ListQuery {
+            state: Some(State::Created),
+            ..query()
+        },
+    ] {
+        for (ns, own) in [("tenant-a", &a.id), ("tenant-b", &b.id)] {
+            let q = ListQuery {
+                namespace: ns.into(),
+                page_size: 100,
+                ..filter.clone()
+            };
+            assert_eq!(listed_ids(&*store, &q).await, [own.clone()], "{q:?}");
+        }
+    }
+    assert!(
+        listed_ids(&*store, &in_namespace("tenant-c"))
+            .await
+            .is_empty()
+    );
+    // A transition moves the state index entry within the job's namespace.
+    let a_id: Uuid = a.id.parse().unwrap();
+    assert!(matches!(
+        store.apply(a_id, &cancel(State::Created)).await.unwrap(),
+        Applied::Done(_)
+    ));
+    let cancelled = |ns: &str| ListQuery {
+        state: Some(State::Cancelled),
+        ..in_namespace(ns)
+    };
+    assert_eq!(
+        listed_ids(&*store, &cancelled("tenant-a")).await,
+        [a.id.clone()]
+    );
+    assert!(listed_ids(&*store, &cancelled("tenant-b")).await.is_empty());
+
+    // Dispatch claims carry the namespace, so the message is routed to it.
+    let due = store
+        .claim_due(now_ms() + 1, now_ms() + 60_000, 100)
+        .await
+        .unwrap();
+    let claimed_b = due
+        .iter()
+        .find(|d| d.id.to_string() == b.id)
+        .expect("b is due");
+    assert_eq!(claimed_b.namespace, "tenant-b");
+
+    let namespaces = store.namespaces().await.unwrap();
+    assert!(
+        namespaces.contains(&"tenant-a".to_owned()) && namespaces.contains(&"tenant-b".to_owned()),
+        "{namespaces:?}"
+    );
+
+    // Purging a's job frees a's key only.
+    assert_eq!(store.purge_expired(now_ms() + 2_000, 100).await.unwrap(), 1);
+    let Created::New(reused) = create_in(&*store, "tenant-a", "work", "same-key").await else {
+        panic!("the purged job's key is free again in tenant-a");
+    };
+    assert_ne!(reused.id, a.id);
+    let Created::Existing(still_b) = create_in(&*store, "tenant-b", "work", "same-key").await
+    else {
+        panic!("tenant-b's key is untouched");
+    };
+    assert_eq!(still_b.id, b.id);
 }

@@ -154,6 +154,9 @@ pub struct SubmitArgs {
     /// Queue to dispatch the job to (server default: "default")
     #[arg(long, value_name = "QUEUE")]
     pub queue: Option<String>,
+    /// The job's namespace (default: the token's; only admins may name another)
+    #[arg(long, value_name = "NAMESPACE")]
+    pub namespace: Option<String>,
 
     /// Attempts the job may use in total, 1..=100 (server default: 3)
     #[arg(long, value_name = "N")]
@@ -199,6 +202,9 @@ pub struct ListArgs {
     /// Only jobs on this queue
     #[arg(long, value_name = "QUEUE")]
     pub queue: Option<String>,
+    /// The namespace to list (default: the token's; only admins may name another)
+    #[arg(long, value_name = "NAMESPACE")]
+    pub namespace: Option<String>,
 
     /// Show at most N jobs, reading as many pages as needed
     #[arg(

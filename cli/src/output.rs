@@ -187,6 +187,7 @@ pub fn job_detail(job: &Job) -> String {
         ("id", or_none(&job.id)),
         ("kind", or_none(&job.kind)),
         ("state", state_name(job.state)),
+        ("namespace", or_none(&job.namespace)),
         ("queue", or_none(&job.queue)),
         ("attempt", format!("{}/{}", job.attempt, job.max_attempts)),
         ("cancel_requested", job.cancel_requested.to_string()),
@@ -455,6 +456,7 @@ mod tests {
             }),
             next_attempt_at: None,
             worker_id: String::new(),
+            namespace: "team-a".into(),
         }
     }
 
@@ -488,6 +490,7 @@ mod tests {
             "id:               0b7e0d6e-5b8e-4a43-9a57-1f1c2f0e8a11\n",
             "kind:             sleep\n",
             "state:            COMPLETED\n",
+            "namespace:        team-a\n",
             "queue:            default\n",
             "attempt:          2/3\n",
             "cancel_requested: false\n",

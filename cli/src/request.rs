@@ -163,6 +163,7 @@ pub fn submit_request(args: &SubmitArgs) -> Result<SubmitJobRequest, CliError> {
         labels: parse_labels(&args.labels)?,
         idempotency_key: args.idempotency_key.clone().unwrap_or_default(),
         timeout: args.timeout.map(|d| pbjson_types::Duration::from(*d)),
+        namespace: args.namespace.clone().unwrap_or_default(),
     })
 }
 
@@ -178,6 +179,7 @@ pub fn list_request(args: &ListArgs) -> ListJobsRequest {
         queue: args.queue.clone().unwrap_or_default(),
         page_size: args.limit.min(MAX_PAGE_SIZE),
         page_token: String::new(),
+        namespace: args.namespace.clone().unwrap_or_default(),
     }
 }
 

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use orchestrator::attempt::{self, Refusal};
+use orchestrator::auth::Caller;
 use orchestrator::error::{Error, Result};
 use orchestrator::job::{duration_from_proto, job_state, ms_to_timestamp, now_ms};
 use orchestrator::proto::v1::{
@@ -91,20 +92,26 @@ impl AttemptService {
         AttemptService { store, lease }
     }
 
-    async fn read(&self, id: Uuid) -> Result<Job> {
+    /// The job, if `caller` may see it: another namespace's job is NOT_FOUND.
+    async fn read(&self, id: Uuid, caller: &Caller) -> Result<Job> {
         self.store
             .get(id)
             .await?
+            .filter(|job| caller.sees(validate::job_namespace(job)))
             .ok_or_else(|| Error::NotFound(id.to_string()))
     }
 
     /// StartAttempt: RUN with a fresh lease, or DROP.
-    pub async fn start(&self, req: StartAttemptRequest) -> Result<StartAttemptResponse> {
+    pub async fn start(
+        &self,
+        req: StartAttemptRequest,
+        caller: &Caller,
+    ) -> Result<StartAttemptResponse> {
         let id = validate::job_id(&req.job_id)?;
         worker_id(&req.worker_id)?;
         let lease = lease_of(req.lease, &self.lease)?;
         for _ in 0..MAX_CAS_RETRIES {
-            let job = self.read(id).await?;
+            let job = self.read(id, caller).await?;
             let token = Uuid::new_v4().to_string();
             let now = now_ms();
             let change = match attempt::start(
@@ -145,7 +152,9 @@ impl AttemptService {
         )))
     }
 
-    /// Heartbeat: renew every lease still held, report cancellations.
+    /// Heartbeat: renew every lease still held, report cancellations. No
+    /// namespace check is needed: a lease token is a secret only the worker
+    /// that started the attempt (in the job's namespace) was given.
     pub async fn heartbeat(&self, req: HeartbeatRequest) -> Result<HeartbeatResponse> {
         worker_id(&req.worker_id)?;
         let lease = lease_of(req.lease, &self.lease)?;
@@ -181,7 +190,7 @@ impl AttemptService {
     }
 
     /// FinishAttempt: record the outcome of the attempt holding the lease.
-    pub async fn finish(&self, req: FinishAttemptRequest) -> Result<Job> {
+    pub async fn finish(&self, req: FinishAttemptRequest, caller: &Caller) -> Result<Job> {
         let id = validate::job_id(&req.job_id)?;
         if req.lease_token.is_empty() {
             return Err(Error::invalid("lease_token", "must not be empty"));
@@ -193,7 +202,7 @@ impl AttemptService {
             ));
         };
         for _ in 0..MAX_CAS_RETRIES {
-            let job = self.read(id).await?;
+            let job = self.read(id, caller).await?;
             let current =
                 job_state(&job).ok_or_else(|| Error::Internal("job without state".into()))?;
             if current != State::Running {

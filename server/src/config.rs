@@ -48,7 +48,8 @@ pub enum TokenCommand {
         /// client (JobService), worker (WorkerService) or admin (both).
         #[arg(long, value_parser = parse_role)]
         role: Role,
-        /// The token's namespace (recorded; jobs are not isolated by it yet).
+        /// The token's namespace (tenant): it sees and runs only that
+        /// namespace's jobs, unless its role is admin. A DNS label.
         #[arg(long, default_value = orchestrator::auth::DEFAULT_NAMESPACE)]
         namespace: String,
     },

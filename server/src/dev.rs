@@ -136,6 +136,7 @@ pub async fn start(config: DevConfig) -> Result<DevRunning, ServerError> {
             message: "`orchd dev` runs its workers in process (set their number with --workers); \
                       for external workers run `orchd serve` with Redis and RabbitMQ"
                 .into(),
+            ..ServerInfo::default()
         },
     };
     // With tokens on, the in-process workers get a worker token of their
@@ -218,13 +219,18 @@ pub async fn run(config: DevConfig, shutdown: CancellationToken) -> Result<(), S
 async fn recover(store: &dyn JobStore) -> Result<usize, ServerError> {
     let mut touched = 0;
     let now = now_ms();
-    for state in [State::Created, State::Retrying, State::Running] {
+    let namespaces = store.namespaces().await?;
+    let scopes = namespaces
+        .iter()
+        .flat_map(|ns| [State::Created, State::Retrying, State::Running].map(|s| (ns, s)));
+    for (namespace, state) in scopes {
         let mut query = ListQuery {
             state: Some(state),
             kind: None,
             queue: None,
             page_size: 500,
             page_token: None,
+            namespace: namespace.clone(),
         };
         loop {
             let page = store.list(&query).await?;

@@ -73,6 +73,7 @@ impl Dispatcher {
             id,
             kind: job.kind.clone(),
             queue: job.queue.clone(),
+            namespace: orchestrator::validate::job_namespace(job).to_owned(),
             attempt: job.attempt,
             claim,
         };
@@ -89,6 +90,7 @@ impl Dispatcher {
             queue: due.queue.clone(),
             attempt: due.attempt + 1,
             published_at: Some(ms_to_timestamp(now_ms())),
+            namespace: due.namespace.clone(),
         };
         if let Err(e) = self.queue.publish(&message).await {
             tracing::warn!(job_id = %due.id, error = %e, "publish failed; the outbox will retry");

@@ -55,8 +55,11 @@ impl job_service_server::JobService for GrpcJobs {
     }
 
     async fn get_job(&self, request: Request<GetJobRequest>) -> Result<Response<Job>, Status> {
+        let caller = grpc_caller(&request)?;
         Ok(Response::new(
-            self.service.get(&request.into_inner().job_id).await?,
+            self.service
+                .get(&request.into_inner().job_id, &caller)
+                .await?,
         ))
     }
 
@@ -76,8 +79,9 @@ impl job_service_server::JobService for GrpcJobs {
         &self,
         request: Request<ListJobsRequest>,
     ) -> Result<Response<ListJobsResponse>, Status> {
+        let caller = grpc_caller(&request)?;
         Ok(Response::new(
-            self.service.list(request.into_inner()).await?,
+            self.service.list(request.into_inner(), &caller).await?,
         ))
     }
 
@@ -87,7 +91,11 @@ impl job_service_server::JobService for GrpcJobs {
         &self,
         request: Request<WatchJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
-        let stream = self.service.watch(&request.into_inner().job_id).await?;
+        let caller = grpc_caller(&request)?;
+        let stream = self
+            .service
+            .watch(&request.into_inner().job_id, &caller)
+            .await?;
         Ok(Response::new(
             stream.map(|item| item.map_err(Status::from)).boxed(),
         ))
@@ -114,8 +122,9 @@ impl worker_service_server::WorkerService for GrpcWorkers {
         &self,
         request: Request<StartAttemptRequest>,
     ) -> Result<Response<StartAttemptResponse>, Status> {
+        let caller = grpc_caller(&request)?;
         Ok(Response::new(
-            self.attempts.start(request.into_inner()).await?,
+            self.attempts.start(request.into_inner(), &caller).await?,
         ))
     }
 
@@ -130,17 +139,23 @@ impl worker_service_server::WorkerService for GrpcWorkers {
 
     async fn get_server_info(
         &self,
-        _request: Request<GetServerInfoRequest>,
+        request: Request<GetServerInfoRequest>,
     ) -> Result<Response<ServerInfo>, Status> {
-        Ok(Response::new(self.info.clone()))
+        let caller = grpc_caller(&request)?;
+        Ok(Response::new(ServerInfo {
+            namespace: caller.namespace,
+            role: caller.role.as_str().into(),
+            ..self.info.clone()
+        }))
     }
 
     async fn finish_attempt(
         &self,
         request: Request<FinishAttemptRequest>,
     ) -> Result<Response<Job>, Status> {
+        let caller = grpc_caller(&request)?;
         Ok(Response::new(
-            self.attempts.finish(request.into_inner()).await?,
+            self.attempts.finish(request.into_inner(), &caller).await?,
         ))
     }
 }

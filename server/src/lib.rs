@@ -129,7 +129,8 @@ pub async fn start(
             version: env!("CARGO_PKG_VERSION").into(),
             queue_backend: "rabbitmq".into(),
             accepts_external_workers: true,
-            message: String::new(),
+            // GetServerInfo fills in the caller's namespace and role.
+            ..ServerInfo::default()
         },
     };
     start_with(&config, backend, shutdown).await

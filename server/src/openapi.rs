@@ -926,7 +926,17 @@ mod tests {
             .iter()
             .map(|p| p["name"].as_str().unwrap())
             .collect();
-        assert_eq!(names, ["state", "kind", "queue", "pageSize", "pageToken"]);
+        assert_eq!(
+            names,
+            [
+                "state",
+                "kind",
+                "queue",
+                "pageSize",
+                "pageToken",
+                "namespace"
+            ]
+        );
         assert!(list.get("requestBody").is_none());
         let state = param(list, "state");
         assert_eq!(state["in"], "query");

@@ -141,11 +141,15 @@ async fn submit_jobs(
     json(&state.service.submit_many(request, &caller).await?)
 }
 
-async fn get_job(State(state): State<RestState>, Path(job_id): Path<String>) -> ApiResult {
+async fn get_job(
+    State(state): State<RestState>,
+    Extension(caller): Extension<Caller>,
+    Path(job_id): Path<String>,
+) -> ApiResult {
     if let Some(id) = job_id.strip_suffix(":watch") {
-        return watch_job(state, id).await;
+        return watch_job(state, id, &caller).await;
     }
-    json(&state.service.get(&job_id).await?)
+    json(&state.service.get(&job_id, &caller).await?)
 }
 
 async fn cancel_job(
@@ -158,8 +162,8 @@ async fn cancel_job(
 
 /// Streams the job as newline-delimited JSON, each line `{"result": job}`
 /// (or `{"error": status}`), as grpc-gateway does for server streams.
-async fn watch_job(state: RestState, job_id: &str) -> ApiResult {
-    let stream = state.service.watch(job_id).await?;
+async fn watch_job(state: RestState, job_id: &str, caller: &Caller) -> ApiResult {
+    let stream = state.service.watch(job_id, caller).await?;
     let lines = stream.map(|item| {
         let line = match item {
             Ok(job) => serde_json::to_vec(&StreamLine::Result(&job)),
@@ -203,6 +207,7 @@ fn list_request(params: &[(String, String)]) -> Result<ListJobsRequest, ApiError
             }
             "kind" => req.kind = value.clone(),
             "queue" => req.queue = value.clone(),
+            "namespace" => req.namespace = value.clone(),
             "pageSize" | "page_size" => {
                 req.page_size = value.parse().map_err(|_| {
                     ApiError::from(Error::invalid(
@@ -215,7 +220,7 @@ fn list_request(params: &[(String, String)]) -> Result<ListJobsRequest, ApiError
             other => {
                 return Err(Error::invalid(
                     other,
-                    "is not a parameter of ListJobs (state, kind, queue, pageSize, pageToken)",
+                    "is not a parameter of ListJobs (state, kind, queue, namespace, pageSize, pageToken)",
                 )
                 .into());
             }
@@ -226,10 +231,11 @@ fn list_request(params: &[(String, String)]) -> Result<ListJobsRequest, ApiError
 
 async fn list_jobs(
     State(state): State<RestState>,
+    Extension(caller): Extension<Caller>,
     Query(params): Query<Vec<(String, String)>>,
 ) -> ApiResult {
     let request = list_request(&params)?;
-    json(&state.service.list(request).await?)
+    json(&state.service.list(request, &caller).await?)
 }
 
 async fn healthz(State(state): State<RestState>) -> Response {

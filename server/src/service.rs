@@ -64,6 +64,7 @@ impl JobService {
     pub async fn submit(&self, req: SubmitJobRequest, caller: &Caller) -> Result<Job> {
         let mut new = validate::submit(&req, &self.limits)?;
         new.submitted_by = caller.name.clone();
+        new.namespace = caller.namespace_for(&new.namespace)?;
         let id = Uuid::new_v4();
         let now = now_ms();
         let claim = now + self.dispatcher.claim_ttl_ms();
@@ -106,6 +107,16 @@ impl JobService {
                 other => other,
             })?;
             new.submitted_by = caller.name.clone();
+            new.namespace = caller.namespace_for(&new.namespace).map_err(|e| match e {
+                Error::InvalidArgument { field, message } => Error::InvalidArgument {
+                    field: format!("jobs[{i}].{field}"),
+                    message,
+                },
+                Error::PermissionDenied(message) => {
+                    Error::PermissionDenied(format!("jobs[{i}].namespace: {message}"))
+                }
+                other => other,
+            })?;
             batch.push((Uuid::new_v4(), new));
         }
         let now = now_ms();
@@ -127,18 +138,22 @@ impl JobService {
         Ok(SubmitJobsResponse { jobs })
     }
 
-    /// Reads one job.
-    pub async fn get(&self, job_id: &str) -> Result<Job> {
+    /// Reads one job. Another namespace's job is NOT_FOUND, exactly like a
+    /// job that does not exist, so ids reveal nothing across tenants.
+    pub async fn get(&self, job_id: &str, caller: &Caller) -> Result<Job> {
         let id = validate::job_id(job_id)?;
         self.store
             .get(id)
             .await?
+            .filter(|job| caller.sees(validate::job_namespace(job)))
             .ok_or_else(|| Error::NotFound(id.to_string()))
     }
 
-    /// Lists jobs, newest first.
-    pub async fn list(&self, req: ListJobsRequest) -> Result<ListJobsResponse> {
-        let query = validate::list(&req)?;
+    /// Lists one namespace's jobs, newest first: the caller's, or the one
+    /// an admin names.
+    pub async fn list(&self, req: ListJobsRequest, caller: &Caller) -> Result<ListJobsResponse> {
+        let mut query = validate::list(&req)?;
+        query.namespace = caller.namespace_for(&query.namespace)?;
         let page = self.store.list(&query).await?;
         Ok(ListJobsResponse {
             jobs: page.jobs,
@@ -157,7 +172,7 @@ impl JobService {
             None => "cancelled by user".to_owned(),
         };
         for _ in 0..MAX_CAS_RETRIES {
-            let job = self.get(job_id).await?;
+            let job = self.get(job_id, caller).await?;
             let current =
                 job_state(&job).ok_or_else(|| Error::Internal("job without state".into()))?;
             let now = now_ms();
@@ -226,7 +241,11 @@ impl JobService {
 
     /// The job's current snapshot, then every change, ending after a
     /// terminal state.
-    pub async fn watch(&self, job_id: &str) -> Result<BoxStream<'static, Result<Job>>> {
+    pub async fn watch(
+        &self,
+        job_id: &str,
+        caller: &Caller,
+    ) -> Result<BoxStream<'static, Result<Job>>> {
         let id = validate::job_id(job_id)?;
         // Subscribe before the first read so no change falls in between.
         let changes = match tokio::time::timeout(Duration::from_secs(2), self.store.changes(id))
@@ -242,7 +261,7 @@ impl JobService {
                 futures::stream::pending().boxed()
             }
         };
-        let first = self.get(job_id).await?;
+        let first = self.get(job_id, caller).await?;
         let store = self.store.clone();
         let stream = watch_stream(store, id, first, changes)
             .take_until(self.shutdown.clone().cancelled_owned())

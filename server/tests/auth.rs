@@ -7,10 +7,10 @@ mod common;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use common::tokens::{bearer, channel, header, jobs_as, rest, workers_as};
 use common::{TestServer, eventually, fresh_queue, spec};
-use orchestrator::auth::{Role, TokenEntry};
+use orchestrator::auth::Role;
 use orchestrator::proto::v1::job_service_client::JobServiceClient;
-use orchestrator::proto::v1::worker_service_client::WorkerServiceClient;
 use orchestrator::proto::v1::{
     CancelJobRequest, FinishAttemptRequest, GetJobRequest, GetServerInfoRequest, HeartbeatRequest,
     Job, ListJobsRequest, StartAttemptRequest, SubmitJobRequest, SubmitJobsRequest,
@@ -19,12 +19,8 @@ use orchestrator::proto::v1::{
 use orchestrator_server::dev::{self, DevConfig};
 use orchestrator_server::{ServeConfig, ServerError};
 use orchestrator_testkit::{shared_amqp_url, shared_redis_url, unique_name};
-use serde_json::Value;
-use tonic::metadata::{Ascii, MetadataValue};
-use tonic::service::Interceptor;
-use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
-use tonic::{Code, Request, Status};
+use tonic::{Code, Status};
 
 const CLIENT: &str = "orch_client-token-for-alice";
 const WORKER: &str = "orch_worker-token-for-w1";
@@ -33,19 +29,14 @@ const UNKNOWN: &str = "orch_not-a-token-this-server-knows";
 
 /// A tokens file with alice (client), w1 (worker) and root (admin).
 fn tokens_file(dir: &tempfile::TempDir) -> PathBuf {
-    let mut text = String::from("# test tokens\n\n");
-    for (name, role, token) in [
-        ("alice", Role::Client, CLIENT),
-        ("w1", Role::Worker, WORKER),
-        ("root", Role::Admin, ADMIN),
-    ] {
-        let entry = TokenEntry::for_token(name, role, "default", token).unwrap();
-        text.push_str(&entry.line());
-        text.push('\n');
-    }
-    let path = dir.path().join("tokens");
-    std::fs::write(&path, text).unwrap();
-    path
+    common::tokens::tokens_file(
+        dir,
+        &[
+            ("alice", Role::Client, "default", CLIENT),
+            ("w1", Role::Worker, "default", WORKER),
+            ("root", Role::Admin, "default", ADMIN),
+        ],
+    )
 }
 
 async fn secured_server(dir: &tempfile::TempDir) -> TestServer {
@@ -53,51 +44,6 @@ async fn secured_server(dir: &tempfile::TempDir) -> TestServer {
     config.redis_prefix = format!("{}:", unique_name("t"));
     config.auth.tokens_file = Some(tokens_file(dir));
     TestServer::with_config(config).await
-}
-
-/// Sets the `authorization` metadata to exactly this value (or none).
-#[derive(Clone)]
-struct Header(Option<MetadataValue<Ascii>>);
-
-impl Interceptor for Header {
-    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        if let Some(value) = &self.0 {
-            request
-                .metadata_mut()
-                .insert("authorization", value.clone());
-        }
-        Ok(request)
-    }
-}
-
-fn header(value: Option<&str>) -> Header {
-    Header(value.map(|v| v.parse().unwrap()))
-}
-
-fn bearer(token: &str) -> Option<String> {
-    Some(format!("Bearer {token}"))
-}
-
-async fn channel(server: &TestServer) -> Channel {
-    Channel::from_shared(format!("http://{}", server.grpc_addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap()
-}
-
-async fn jobs_as(
-    server: &TestServer,
-    value: Option<&str>,
-) -> JobServiceClient<InterceptedService<Channel, Header>> {
-    JobServiceClient::with_interceptor(channel(server).await, header(value))
-}
-
-async fn workers_as(
-    server: &TestServer,
-    value: Option<&str>,
-) -> WorkerServiceClient<InterceptedService<Channel, Header>> {
-    WorkerServiceClient::with_interceptor(channel(server).await, header(value))
 }
 
 /// The header values that must not get in: each with the code it gets.
@@ -109,33 +55,6 @@ fn bad_credentials() -> Vec<(&'static str, Option<String>)> {
         ("garbage", Some("garbage".into())),
         ("unknown token", bearer(UNKNOWN)),
     ]
-}
-
-async fn rest(
-    server: &TestServer,
-    method: reqwest::Method,
-    path: &str,
-    auth: Option<&str>,
-    body: Option<&str>,
-) -> (u16, Value, reqwest::header::HeaderMap) {
-    let mut request = server.http_client.request(method, server.url(path));
-    if let Some(auth) = auth {
-        request = request.header("authorization", auth);
-    }
-    if let Some(body) = body {
-        request = request
-            .header("content-type", "application/json")
-            .body(body.to_owned());
-    }
-    let response = request.send().await.unwrap();
-    let status = response.status().as_u16();
-    let headers = response.headers().clone();
-    let text = response.text().await.unwrap();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::Null),
-        headers,
-    )
 }
 
 /// How many jobs `queue` holds, and the state of `id`, as the admin sees them.

@@ -79,9 +79,9 @@ impl AmqpQueue {
         }
     }
 
-    /// The channel, connecting first when there is none or it broke; and
-    /// whether `queue` still needs declaring on it.
-    async fn channel_for(&self, queue: &str) -> Result<Channel> {
+    /// The channel, connecting first when there is none or it broke, with
+    /// the queue of `namespace`'s `queue` declared on it.
+    async fn channel_for(&self, namespace: &str, queue: &str) -> Result<Channel> {
         let mut live = self.live.lock().await;
         if live
             .as_ref()
@@ -105,9 +105,10 @@ impl AmqpQueue {
             });
         }
         let live = live.as_mut().expect("connected above");
-        if !live.declared.contains(queue) {
-            topology::declare_job_queue(&live.channel, queue).await?;
-            live.declared.insert(queue.to_owned());
+        let key = topology::routing_key(namespace, queue);
+        if !live.declared.contains(&key) {
+            topology::declare_job_queue(&live.channel, namespace, queue).await?;
+            live.declared.insert(key);
         }
         Ok(live.channel.clone())
     }
@@ -120,7 +121,9 @@ impl AmqpQueue {
 #[async_trait]
 impl JobQueue for AmqpQueue {
     async fn publish(&self, msg: &DispatchMessage) -> Result<()> {
-        let channel = self.channel_for(&msg.queue).await?;
+        let key = topology::routing_key_of(msg);
+        let (namespace, queue) = key.split_once('.').unwrap_or(("", &key));
+        let channel = self.channel_for(namespace, queue).await?;
         let properties = BasicProperties::default()
             .with_delivery_mode(2)
             .with_content_type(message::CONTENT_TYPE.into())
@@ -134,7 +137,7 @@ impl JobQueue for AmqpQueue {
             channel
                 .basic_publish(
                     topology::JOBS_EXCHANGE.into(),
-                    msg.queue.as_str().into(),
+                    key.as_str().into(),
                     options,
                     &body,
                     properties,
@@ -157,7 +160,7 @@ impl JobQueue for AmqpQueue {
                 self.reset().await;
                 Err(unavailable(format!(
                     "queue {:?} was not routable",
-                    msg.queue
+                    topology::queue_name(namespace, queue)
                 )))
             }
             Ok(Confirmation::Nack(_)) => Err(unavailable("broker refused the message (nack)")),
@@ -172,7 +175,7 @@ impl JobQueue for AmqpQueue {
     }
 
     async fn ping(&self) -> Result<()> {
-        self.channel_for(crate::job::DEFAULT_QUEUE)
+        self.channel_for(crate::auth::DEFAULT_NAMESPACE, crate::job::DEFAULT_QUEUE)
             .await
             .map(|_| ())
     }

@@ -42,7 +42,8 @@ impl MemoryQueue {
         MemoryQueue::default()
     }
 
-    /// Puts an encoded message on job queue `queue`.
+    /// Puts an encoded message on `queue`, a routing key
+    /// (`<namespace>.<queue>`, see [`super::topology::routing_key`]).
     pub fn push(&self, queue: &str, body: Vec<u8>) {
         if let Ok(mut queues) = self.inner.queues.lock() {
             queues.entry(queue.to_owned()).or_default().push_back(body);
@@ -105,7 +106,10 @@ impl MemoryQueue {
 #[async_trait]
 impl JobQueue for MemoryQueue {
     async fn publish(&self, msg: &DispatchMessage) -> Result<()> {
-        self.push(&msg.queue, message::encode(msg));
+        self.push(
+            &crate::queue::topology::routing_key_of(msg),
+            message::encode(msg),
+        );
         Ok(())
     }
 
@@ -123,9 +127,15 @@ mod tests {
         DispatchMessage {
             job_id: uuid::Uuid::new_v4().to_string(),
             queue: queue.into(),
+            namespace: "ns".into(),
             attempt: n,
             ..DispatchMessage::default()
         }
+    }
+
+    /// Where `msg(queue, _)` lands: the routing key of `queue` in "ns".
+    fn key(queue: &str) -> String {
+        crate::queue::topology::routing_key("ns", queue)
     }
 
     #[tokio::test]
@@ -134,13 +144,13 @@ mod tests {
         for n in 1..=3 {
             q.publish(&msg("a", n)).await.unwrap();
         }
-        let names = vec!["a".to_owned()];
+        let names = vec![key("a")];
         for n in 1..=3 {
             let got = q.receive(&names, 0).await;
             let (decoded, _) = message::decode(&got.body).unwrap();
             assert_eq!(decoded.attempt, n);
         }
-        assert!(q.is_empty("a"));
+        assert!(q.is_empty(&key("a")));
     }
 
     #[tokio::test]
@@ -148,7 +158,7 @@ mod tests {
         let q = MemoryQueue::new();
         let receiver = {
             let q = q.clone();
-            tokio::spawn(async move { q.receive(&["b".to_owned()], 0).await })
+            tokio::spawn(async move { q.receive(&[key("b")], 0).await })
         };
         tokio::time::sleep(Duration::from_millis(20)).await;
         q.publish(&msg("a", 1)).await.unwrap();
@@ -162,8 +172,8 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(got.queue, "b");
-        assert_eq!(q.len("a"), 1);
+        assert_eq!(got.queue, key("b"));
+        assert_eq!(q.len(&key("a")), 1);
     }
 
     #[tokio::test]
@@ -173,7 +183,7 @@ mod tests {
         q.publish(&msg("y", 2)).await.unwrap();
         let mut got = vec![q.receive(&[], 0).await.queue, q.receive(&[], 1).await.queue];
         got.sort();
-        assert_eq!(got, ["x", "y"]);
+        assert_eq!(got, [key("x"), key("y")]);
     }
 
     #[tokio::test]
@@ -183,9 +193,9 @@ mod tests {
             q.publish(&msg("a", n)).await.unwrap();
             q.publish(&msg("b", n)).await.unwrap();
         }
-        let names = vec!["a".to_owned(), "b".to_owned()];
+        let names = vec![key("a"), key("b")];
         let first = q.receive(&names, 0).await.queue;
         let second = q.receive(&names, 1).await.queue;
-        assert_eq!((first.as_str(), second.as_str()), ("a", "b"));
+        assert_eq!((first, second), (key("a"), key("b")));
     }
 }

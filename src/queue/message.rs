@@ -49,6 +49,7 @@ mod tests {
             queue: "default".into(),
             attempt: 1,
             published_at: None,
+            namespace: "team-a".into(),
         };
         assert_eq!(decode(&encode(&msg)), Ok((msg, id)));
     }

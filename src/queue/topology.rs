@@ -1,7 +1,8 @@
 //! Names and declarations of every exchange and queue.
 //!
-//! One direct exchange routes dispatches on the job's queue name to a
-//! durable classic queue per job queue; each of those dead-letters rejected
+//! One direct exchange routes dispatches on `<namespace>.<queue>` to a
+//! durable classic queue per namespace and job queue, so that one tenant's
+//! workers never receive another's jobs; each of those dead-letters rejected
 //! messages to one dead-letter queue. Classic queues, not quorum queues: on
 //! RabbitMQ 3.10 a freshly declared quorum queue lost confirmed messages
 //! across a `kill -9` on this kind of machine (see the README's notes).
@@ -12,7 +13,7 @@ use lapin::{Channel, ExchangeKind};
 
 use crate::error::Result;
 
-/// Direct exchange for dispatches; the routing key is the job queue name.
+/// Direct exchange for dispatches; the routing key is [`routing_key`].
 pub const JOBS_EXCHANGE: &str = "orch.jobs";
 /// Exchange rejected messages are dead-lettered to.
 pub const DEAD_LETTER_EXCHANGE: &str = "orch.dlx";
@@ -21,9 +22,27 @@ pub const DEAD_LETTER_QUEUE: &str = "orch.dead";
 /// Prefix of the RabbitMQ queue of each job queue.
 pub const QUEUE_PREFIX: &str = "orch.q.";
 
-/// The RabbitMQ queue that holds the dispatches of job queue `queue`.
-pub fn queue_name(queue: &str) -> String {
-    format!("{QUEUE_PREFIX}{queue}")
+/// The routing key of job queue `queue` of `namespace`. Namespaces are
+/// DNS labels (no '.'), so the split is unambiguous.
+pub fn routing_key(namespace: &str, queue: &str) -> String {
+    format!("{namespace}.{queue}")
+}
+
+/// The routing key a dispatch is published with; messages from before
+/// namespaces existed belong to the default namespace.
+pub fn routing_key_of(msg: &crate::proto::v1::DispatchMessage) -> String {
+    let namespace = if msg.namespace.is_empty() {
+        crate::auth::DEFAULT_NAMESPACE
+    } else {
+        &msg.namespace
+    };
+    routing_key(namespace, &msg.queue)
+}
+
+/// The RabbitMQ queue that holds the dispatches of job queue `queue` of
+/// `namespace`.
+pub fn queue_name(namespace: &str, queue: &str) -> String {
+    format!("{QUEUE_PREFIX}{}", routing_key(namespace, queue))
 }
 
 fn durable_exchange() -> ExchangeDeclareOptions {
@@ -79,10 +98,11 @@ fn classic_arguments() -> FieldTable {
     args
 }
 
-/// Declares the queue of job queue `queue` and binds it. Idempotent; needs
-/// [`declare_base`] first.
-pub async fn declare_job_queue(channel: &Channel, queue: &str) -> Result<()> {
-    let name = queue_name(queue);
+/// Declares the queue of job queue `queue` of `namespace` and binds it.
+/// Idempotent; needs [`declare_base`] first.
+pub async fn declare_job_queue(channel: &Channel, namespace: &str, queue: &str) -> Result<()> {
+    let name = queue_name(namespace, queue);
+    let key = routing_key(namespace, queue);
     let mut args = classic_arguments();
     args.insert(
         ShortString::from("x-dead-letter-exchange"),
@@ -95,7 +115,7 @@ pub async fn declare_job_queue(channel: &Channel, queue: &str) -> Result<()> {
         .queue_bind(
             name.as_str().into(),
             JOBS_EXCHANGE.into(),
-            queue.into(),
+            key.as_str().into(),
             QueueBindOptions::default(),
             FieldTable::default(),
         )
@@ -108,8 +128,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn job_queues_live_under_one_prefix() {
-        assert_eq!(queue_name("default"), "orch.q.default");
-        assert!(queue_name("x").starts_with(QUEUE_PREFIX));
+    fn job_queues_live_under_one_prefix_per_namespace() {
+        assert_eq!(queue_name("default", "default"), "orch.q.default.default");
+        assert_eq!(queue_name("team-a", "mail.out"), "orch.q.team-a.mail.out");
+        assert!(queue_name("a", "x").starts_with(QUEUE_PREFIX));
+        assert_ne!(routing_key("a", "x"), routing_key("b", "x"));
+    }
+
+    #[test]
+    fn dispatches_without_a_namespace_go_to_the_default_one() {
+        let msg = crate::proto::v1::DispatchMessage {
+            queue: "q".into(),
+            ..Default::default()
+        };
+        assert_eq!(routing_key_of(&msg), "default.q");
+        let msg = crate::proto::v1::DispatchMessage {
+            queue: "q".into(),
+            namespace: "t".into(),
+            ..Default::default()
+        };
+        assert_eq!(routing_key_of(&msg), "t.q");
     }
 }

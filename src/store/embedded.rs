@@ -11,10 +11,12 @@
 //!   history, plus what the API never shows (lease token and expiry, and the
 //!   creation time the index entries are keyed by).
 //! - `index`: `(name, created_ms, id)`, encoded as bytes that sort in that
-//!   order, → `()`, with names `all`, `state:{STATE}`, `kind:{kind}` and
-//!   `queue:{queue}`. Pages are reverse range reads within one name, the last
-//!   key being the cursor, exactly like the Redis sorted sets read by lex.
-//! - `idem`: idempotency key → id.
+//!   order, → `()`, with names `{ns}:all`, `{ns}:state:{STATE}`,
+//!   `{ns}:kind:{kind}` and `{ns}:queue:{queue}` per namespace `ns`. Pages
+//!   are reverse range reads within one name, the last key being the
+//!   cursor, exactly like the Redis sorted sets read by lex.
+//! - `idem`: `{ns}:{idempotency key}` → id.
+//! - `namespaces`: every namespace that ever had a job → `()`.
 //! - `due`, `leases`, `retention`: sorted sets as two tables each,
 //!   `(score, id)` → `()` for the ordered range reads of the dispatcher, the
 //!   sweeper and the purge, and `{name}_by_id`: id → score, so re-scoring or
@@ -63,7 +65,7 @@ use crate::error::{Error, Result};
 use crate::job::{NewJob, job_state, ms_to_timestamp};
 use crate::proto::v1::Job;
 use crate::state::State;
-use crate::validate::ListQuery;
+use crate::validate::{ListQuery, job_namespace};
 
 const JOBS: TableDefinition<u128, &[u8]> = TableDefinition::new("jobs");
 /// Keys built by [`index_key`]: plain bytes rather than a `(&str, i64, u128)`
@@ -71,6 +73,8 @@ const JOBS: TableDefinition<u128, &[u8]> = TableDefinition::new("jobs");
 /// byte keys read the same in every version.
 const INDEX: TableDefinition<&[u8], ()> = TableDefinition::new("index");
 const IDEM: TableDefinition<&str, u128> = TableDefinition::new("idem");
+/// Every namespace that ever had a job.
+const NAMESPACES: TableDefinition<&str, ()> = TableDefinition::new("namespaces");
 
 /// The tables of one sorted set.
 #[derive(Clone, Copy)]
@@ -300,8 +304,12 @@ fn state_of(job: &Job) -> Result<State> {
     job_state(job).ok_or_else(|| corrupt("bad state"))
 }
 
-fn state_index(state: State) -> String {
-    format!("state:{}", state.as_str())
+fn state_index(namespace: &str, state: State) -> String {
+    format!("{namespace}:state:{}", state.as_str())
+}
+
+fn idem_key(namespace: &str, key: &str) -> String {
+    format!("{namespace}:{key}")
 }
 
 /// `len(name) ‖ name ‖ created_ms ‖ id`, all big-endian with the sign bit
@@ -330,11 +338,12 @@ fn parse_index_key(key: &[u8]) -> Result<(i64, u128)> {
 }
 
 fn index_names(job: &Job) -> Result<[String; 4]> {
+    let ns = job_namespace(job);
     Ok([
-        "all".to_owned(),
-        state_index(state_of(job)?),
-        format!("kind:{}", job.kind),
-        format!("queue:{}", job.queue),
+        format!("{ns}:all"),
+        state_index(ns, state_of(job)?),
+        format!("{ns}:kind:{}", job.kind),
+        format!("{ns}:queue:{}", job.queue),
     ])
 }
 
@@ -400,6 +409,7 @@ struct Tables<'t> {
     jobs: Table<'t, u128, &'static [u8]>,
     index: Table<'t, &'static [u8], ()>,
     idem: Table<'t, &'static str, u128>,
+    namespaces: Table<'t, &'static str, ()>,
     due: ScoredSet<'t>,
     leases: ScoredSet<'t>,
     retention: ScoredSet<'t>,
@@ -411,6 +421,7 @@ impl<'t> Tables<'t> {
             jobs: txn.open_table(JOBS).db()?,
             index: txn.open_table(INDEX).db()?,
             idem: txn.open_table(IDEM).db()?,
+            namespaces: txn.open_table(NAMESPACES).db()?,
             due: ScoredSet::open(txn, DUE)?,
             leases: ScoredSet::open(txn, LEASES)?,
             retention: ScoredSet::open(txn, RETENTION)?,
@@ -432,12 +443,12 @@ impl<'t> Tables<'t> {
         due_ms: i64,
     ) -> Result<(Created, bool)> {
         let raw = id.as_u128();
+        let idem = idem_key(
+            crate::validate::namespace_or_default(&new.namespace),
+            &new.idempotency_key,
+        );
         if !new.idempotency_key.is_empty() {
-            let existing = self
-                .idem
-                .get(new.idempotency_key.as_str())
-                .db()?
-                .map(|g| g.value());
+            let existing = self.idem.get(idem.as_str()).db()?.map(|g| g.value());
             if let Some(existing) = existing {
                 return match load(&self.jobs, existing)? {
                     Some(record) => Ok((Created::Existing(Box::new(record.job()?.clone())), false)),
@@ -463,8 +474,9 @@ impl<'t> Tables<'t> {
                 .insert(index_key(&name, now_ms, raw).as_slice(), ())
                 .db()?;
         }
+        self.namespaces.insert(job_namespace(&job), ()).db()?;
         if !new.idempotency_key.is_empty() {
-            self.idem.insert(new.idempotency_key.as_str(), raw).db()?;
+            self.idem.insert(idem.as_str(), raw).db()?;
         }
         self.due.add(raw, due_ms)?;
         let record = Record {
@@ -509,9 +521,11 @@ impl<'t> Tables<'t> {
         }
 
         if let Some(to) = change.to.filter(|to| *to != state) {
+            let ns = job_namespace(record.job()?).to_owned();
+            let ns = ns.as_str();
             let (old, new) = (
-                index_key(&state_index(state), record.ix_ms, raw),
-                index_key(&state_index(to), record.ix_ms, raw),
+                index_key(&state_index(ns, state), record.ix_ms, raw),
+                index_key(&state_index(ns, to), record.ix_ms, raw),
             );
             self.index.remove(old.as_slice()).db()?;
             self.index.insert(new.as_slice(), ()).db()?;
@@ -599,6 +613,7 @@ impl<'t> Tables<'t> {
                         id: Uuid::from_u128(raw),
                         kind: job.kind.clone(),
                         queue: job.queue.clone(),
+                        namespace: job_namespace(job).to_owned(),
                         attempt: job.attempt,
                         claim: claim_until_ms,
                     });
@@ -637,14 +652,14 @@ impl<'t> Tables<'t> {
                         .remove(index_key(&name, record.ix_ms, raw).as_slice())
                         .db()?;
                 }
-                let key = job.idempotency_key.as_str();
-                let owner = if key.is_empty() {
+                let key = idem_key(job_namespace(job), &job.idempotency_key);
+                let owner = if job.idempotency_key.is_empty() {
                     None
                 } else {
-                    self.idem.get(key).db()?.map(|g| g.value())
+                    self.idem.get(key.as_str()).db()?.map(|g| g.value())
                 };
                 if owner == Some(raw) {
-                    self.idem.remove(key).db()?;
+                    self.idem.remove(key.as_str()).db()?;
                 }
             }
             self.retention.remove(raw)?;
@@ -681,14 +696,15 @@ fn decode_token(token: &str) -> Result<(i64, u128)> {
 /// The index a query reads (the most selective filter, in the same order as
 /// the Redis store); the other filters are checked on each job.
 fn plan(query: &ListQuery) -> String {
+    let ns = crate::validate::namespace_or_default(&query.namespace);
     if let Some(state) = query.state {
-        state_index(state)
+        state_index(ns, state)
     } else if let Some(kind) = &query.kind {
-        format!("kind:{kind}")
+        format!("{ns}:kind:{kind}")
     } else if let Some(queue) = &query.queue {
-        format!("queue:{queue}")
+        format!("{ns}:queue:{queue}")
     } else {
-        "all".to_owned()
+        format!("{ns}:all")
     }
 }
 
@@ -845,6 +861,18 @@ impl JobStore for EmbeddedStore {
         .boxed())
     }
 
+    async fn namespaces(&self) -> Result<Vec<String>> {
+        self.read(|txn| {
+            let table = txn.open_table(NAMESPACES).db()?;
+            table
+                .iter()
+                .db()?
+                .map(|entry| entry.db().map(|(key, _)| key.value().to_owned()))
+                .collect()
+        })
+        .await
+    }
+
     async fn ping(&self) -> Result<()> {
         self.read(|txn| {
             txn.open_table(JOBS).db()?;
@@ -911,6 +939,7 @@ mod tests {
             queue: None,
             page_size: 10,
             page_token: None,
+            namespace: String::new(),
         };
         let first = store.list(&query).await.unwrap();
         assert!(first.jobs.is_empty(), "the cap ends the page early");

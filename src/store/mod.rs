@@ -132,6 +132,8 @@ pub struct DueJob {
     pub kind: String,
     /// Queue name.
     pub queue: String,
+    /// The job's namespace.
+    pub namespace: String,
     /// Attempt the message will start.
     pub attempt: u32,
     /// The claim; pass it back to [`JobStore::ack_due`].
@@ -211,6 +213,10 @@ pub trait JobStore: Send + Sync + 'static {
     /// A stream that yields whenever the job may have changed. It may yield
     /// spuriously; readers re-read the job.
     async fn changes(&self, id: Uuid) -> Result<BoxStream<'static, ()>>;
+
+    /// Every namespace that ever had a job, sorted: what tools that work
+    /// across tenants (an admin, `orchd dev`'s recovery) iterate over.
+    async fn namespaces(&self) -> Result<Vec<String>>;
 
     /// Checks that the store answers.
     async fn ping(&self) -> Result<()>;

@@ -5,11 +5,15 @@
 //!   protobuf bytes; the fields that change (`state`, `attempt`, `lease`, ...)
 //!   are separate hash fields so that Lua scripts can compare and set them.
 //! - `hist:{id}`: a list of protobuf-encoded `Transition`s.
-//! - `idx:all`, `idx:state:{STATE}`, `idx:kind:{kind}`, `idx:queue:{queue}`:
-//!   sorted sets with score 0 whose members `{created_ms:013}:{id}` sort by
-//!   creation time, so pages are lexicographic range reads (newest first)
-//!   with the last member as the cursor: no scan of all jobs, ever.
-//! - `idem:{key}`: idempotency key to job id.
+//! - `idx:{ns}:all`, `idx:{ns}:state:{STATE}`, `idx:{ns}:kind:{kind}`,
+//!   `idx:{ns}:queue:{queue}`, per namespace `ns`: sorted sets with score 0
+//!   whose members `{created_ms:013}:{id}` sort by creation time, so pages
+//!   are lexicographic range reads (newest first) with the last member as
+//!   the cursor: no scan of all jobs, ever, and no reading of another
+//!   tenant's jobs.
+//! - `idem:{ns}:{key}`: idempotency key to job id, per namespace, so one
+//!   tenant's keys can neither collide with nor reveal another's.
+//! - `namespaces`: a set of every namespace that ever had a job.
 //! - `due`: the outbox; job ids scored by when they must be published.
 //! - `leases`: running job ids scored by lease expiry, for the sweeper.
 //! - `retention`: terminal job ids scored by when they are purged.
@@ -79,18 +83,21 @@ struct Scripts {
 }
 
 const CREATE_LUA: &str = r#"
--- KEYS: job, hist, idem, due, idx:all, idx:state:CREATED, idx:kind, idx:queue
--- ARGV: id, use_idem, index member, history entry, due score, field/value...
+-- KEYS: job, hist, idem, due, and the namespace's idx:all, idx:state:CREATED,
+--       idx:kind, idx:queue; then namespaces
+-- ARGV: id, use_idem, index member, history entry, due score, namespace,
+--       field/value...
 if ARGV[2] == '1' then
   local existing = redis.call('GET', KEYS[3])
   if existing then return {0, existing} end
   redis.call('SET', KEYS[3], ARGV[1])
 end
 if redis.call('EXISTS', KEYS[1]) == 1 then return {-1} end
-redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+redis.call('HSET', KEYS[1], unpack(ARGV, 7))
 redis.call('RPUSH', KEYS[2], ARGV[4])
 for i = 5, 8 do redis.call('ZADD', KEYS[i], 0, ARGV[3]) end
 redis.call('ZADD', KEYS[4], ARGV[5], ARGV[1])
+redis.call('SADD', KEYS[9], ARGV[6])
 return {1}
 "#;
 
@@ -98,7 +105,7 @@ const APPLY_LUA: &str = r#"
 -- KEYS: job, hist, due, leases, retention
 -- ARGV[1] expected state ('' any)     ARGV[2] expected lease ('' any)
 -- ARGV[3] lease must have expired by ('' no check)
--- ARGV[4] new state ('' same)          ARGV[5] state index prefix
+-- ARGV[4] new state ('' same)          ARGV[5] index prefix ('{prefix}idx:')
 -- ARGV[6] history entry ('' none)      ARGV[7] due: '' keep, '-' remove, else score
 -- ARGV[8] lease: '' keep, '-' clear, else expiry score
 -- ARGV[9] retention score ('' none)    ARGV[10] event channel ('' none)
@@ -113,9 +120,10 @@ if ARGV[3] ~= '' then
 end
 local id = redis.call('HGET', KEYS[1], 'id')
 if ARGV[4] ~= '' and ARGV[4] ~= state then
-  local ix = redis.call('HGET', KEYS[1], 'ix')
-  redis.call('ZREM', ARGV[5] .. state, ix)
-  redis.call('ZADD', ARGV[5] .. ARGV[4], 0, ix)
+  local f = redis.call('HMGET', KEYS[1], 'ix', 'ns')
+  local sx = ARGV[5] .. (f[2] or 'default') .. ':state:'
+  redis.call('ZREM', sx .. state, f[1])
+  redis.call('ZADD', sx .. ARGV[4], 0, f[1])
   redis.call('HSET', KEYS[1], 'state', ARGV[4])
 end
 if ARGV[6] ~= '' then redis.call('RPUSH', KEYS[2], ARGV[6]) end
@@ -136,10 +144,10 @@ const CLAIM_DUE_LUA: &str = r#"
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])
 local out = {}
 for _, id in ipairs(ids) do
-  local f = redis.call('HMGET', ARGV[4] .. id, 'state', 'kind', 'queue', 'attempt')
+  local f = redis.call('HMGET', ARGV[4] .. id, 'state', 'kind', 'queue', 'attempt', 'ns')
   if f[1] == 'CREATED' or f[1] == 'RETRYING' then
     redis.call('ZADD', KEYS[1], ARGV[2], id)
-    out[#out + 1] = {id, f[2], f[3], f[4] or '0'}
+    out[#out + 1] = {id, f[2], f[3], f[4] or '0', f[5] or 'default'}
   else
     redis.call('ZREM', KEYS[1], id)
   end
@@ -162,15 +170,17 @@ const PURGE_LUA: &str = r#"
 local p = ARGV[3]
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
 for _, id in ipairs(ids) do
-  local f = redis.call('HMGET', p .. 'job:' .. id, 'state', 'kind', 'queue', 'ix', 'idem')
+  local f = redis.call('HMGET', p .. 'job:' .. id, 'state', 'kind', 'queue', 'ix', 'idem', 'ns')
+  local x = p .. 'idx:' .. (f[6] or 'default') .. ':'
   if f[4] then
-    redis.call('ZREM', p .. 'idx:all', f[4])
-    redis.call('ZREM', p .. 'idx:state:' .. f[1], f[4])
-    redis.call('ZREM', p .. 'idx:kind:' .. f[2], f[4])
-    redis.call('ZREM', p .. 'idx:queue:' .. f[3], f[4])
+    redis.call('ZREM', x .. 'all', f[4])
+    redis.call('ZREM', x .. 'state:' .. f[1], f[4])
+    redis.call('ZREM', x .. 'kind:' .. f[2], f[4])
+    redis.call('ZREM', x .. 'queue:' .. f[3], f[4])
   end
-  if f[5] and f[5] ~= '' and redis.call('GET', p .. 'idem:' .. f[5]) == id then
-    redis.call('DEL', p .. 'idem:' .. f[5])
+  local idem = p .. 'idem:' .. (f[6] or 'default') .. ':' .. (f[5] or '')
+  if f[5] and f[5] ~= '' and redis.call('GET', idem) == id then
+    redis.call('DEL', idem)
   end
   redis.call('DEL', p .. 'job:' .. id, p .. 'hist:' .. id)
   redis.call('ZREM', KEYS[1], id)
@@ -228,18 +238,20 @@ impl RedisStore {
         self.key(&["hist:", id])
     }
 
-    /// The index a query reads: its most selective filter's.
+    /// The index a query reads: its namespace's index of its most
+    /// selective filter.
     fn index_key(&self, query: &ListQuery) -> String {
+        let ns = crate::validate::namespace_or_default(&query.namespace);
         if let Some(state) = query.state {
-            return self.key(&["idx:state:", state.as_str()]);
+            return self.key(&["idx:", ns, ":state:", state.as_str()]);
         }
         if let Some(kind) = &query.kind {
-            return self.key(&["idx:kind:", kind]);
+            return self.key(&["idx:", ns, ":kind:", kind]);
         }
         if let Some(queue) = &query.queue {
-            return self.key(&["idx:queue:", queue]);
+            return self.key(&["idx:", ns, ":queue:", queue]);
         }
-        self.key(&["idx:all"])
+        self.key(&["idx:", ns, ":all"])
     }
 
     /// The keys and arguments of the create script for one job, and the
@@ -254,15 +266,17 @@ impl RedisStore {
         };
         let member = index_member(now_ms, &id_str);
         let created = new.created_transition(now_ms);
+        let ns = job.namespace.as_str();
         let keys = vec![
             self.job_key(&id_str),
             self.hist_key(&id_str),
-            self.key(&["idem:", &new.idempotency_key]),
+            self.key(&["idem:", ns, ":", &new.idempotency_key]),
             self.key(&["due"]),
-            self.key(&["idx:all"]),
-            self.key(&["idx:state:", State::Created.as_str()]),
-            self.key(&["idx:kind:", &new.kind]),
-            self.key(&["idx:queue:", &new.queue]),
+            self.key(&["idx:", ns, ":all"]),
+            self.key(&["idx:", ns, ":state:", State::Created.as_str()]),
+            self.key(&["idx:", ns, ":kind:", &new.kind]),
+            self.key(&["idx:", ns, ":queue:", &new.queue]),
+            self.key(&["namespaces"]),
         ];
         let use_idem = if new.idempotency_key.is_empty() {
             "0"
@@ -276,6 +290,7 @@ impl RedisStore {
             text(&member),
             created.encode_to_vec(),
             text(&due_ms.to_string()),
+            text(ns),
             text("id"),
             text(&id_str),
             text("base"),
@@ -294,6 +309,8 @@ impl RedisStore {
             text(&new.queue),
             text("idem"),
             text(&new.idempotency_key),
+            text("ns"),
+            text(ns),
         ];
         PreparedCreate {
             keys,
@@ -669,7 +686,7 @@ impl JobStore for RedisStore {
                     .unwrap_or_default(),
             )
             .arg(change.to.map(State::as_str).unwrap_or(""))
-            .arg(self.key(&["idx:state:"]))
+            .arg(self.key(&["idx:"]))
             .arg(
                 change
                     .history
@@ -704,7 +721,7 @@ impl JobStore for RedisStore {
         limit: usize,
     ) -> Result<Vec<DueJob>> {
         let mut conn = self.conn.clone();
-        let rows: Vec<(String, String, String, String)> = self
+        let rows: Vec<(String, String, String, String, String)> = self
             .scripts
             .claim_due
             .key(self.key(&["due"]))
@@ -716,11 +733,12 @@ impl JobStore for RedisStore {
             .await?;
         Ok(rows
             .into_iter()
-            .filter_map(|(id, kind, queue, attempt)| {
+            .filter_map(|(id, kind, queue, attempt, namespace)| {
                 Some(DueJob {
                     id: Uuid::try_parse(&id).ok()?,
                     kind,
                     queue,
+                    namespace,
                     attempt: attempt.parse().unwrap_or(0),
                     claim: claim_until_ms,
                 })
@@ -783,6 +801,13 @@ impl JobStore for RedisStore {
             .subscribe(self.key(&["ev:", &id.to_string()]))
             .await?;
         Ok(pubsub.into_on_message().map(|_| ()).boxed())
+    }
+
+    async fn namespaces(&self) -> Result<Vec<String>> {
+        let mut conn = self.conn.clone();
+        let mut names: Vec<String> = conn.smembers(self.key(&["namespaces"])).await?;
+        names.sort();
+        Ok(names)
     }
 
     async fn ping(&self) -> Result<()> {

@@ -33,7 +33,8 @@ pub struct WorkerConfig {
     #[arg(long, env = "ORCH_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
 
-    /// Job queues to consume, comma-separated (RabbitMQ queues `orch.q.<name>`).
+    /// Job queues to consume, comma-separated (RabbitMQ queues
+    /// `orch.q.<namespace>.<name>`).
     #[arg(
         long,
         env = "ORCH_QUEUES",
@@ -41,6 +42,11 @@ pub struct WorkerConfig {
         default_value = "default"
     )]
     pub queues: Vec<String>,
+
+    /// The namespace whose queues to consume. Default: the namespace of the
+    /// token (orchd says which). Only an admin token may name another.
+    #[arg(long, env = "ORCH_NAMESPACE")]
+    pub namespace: Option<String>,
 
     /// How many jobs run at once; also the RabbitMQ prefetch. Default: the
     /// number of CPU cores.
@@ -139,6 +145,11 @@ impl WorkerConfig {
             if let Err(e) = orchestrator::validate::name("queues", queue) {
                 return bad(e.to_string());
             }
+        }
+        if let Some(namespace) = &self.namespace
+            && let Err(e) = orchestrator::validate::namespace("namespace", namespace)
+        {
+            return bad(e.to_string());
         }
         if self.lease.is_zero() {
             return bad("--lease must be positive".into());

@@ -38,6 +38,8 @@ use crate::attempt::{self, Shared, StartOutcome};
 pub(crate) struct ConsumerSettings {
     pub amqp_url: String,
     pub queues: Vec<String>,
+    /// The namespace whose queues these are.
+    pub namespace: String,
     /// Jobs run at once; also the prefetch.
     pub concurrency: u16,
     pub worker_id: String,
@@ -124,11 +126,12 @@ impl Consumer {
                 .await?;
             topology::declare_base(&channel).await?;
             let mut consumers = Vec::with_capacity(settings.queues.len());
+            let ns = settings.namespace.as_str();
             for queue in &settings.queues {
-                topology::declare_job_queue(&channel, queue).await?;
+                topology::declare_job_queue(&channel, ns, queue).await?;
                 let consumer = channel
                     .basic_consume(
-                        topology::queue_name(queue).as_str().into(),
+                        topology::queue_name(ns, queue).as_str().into(),
                         format!("{}.{queue}", settings.worker_id).as_str().into(),
                         BasicConsumeOptions::default(),
                         FieldTable::default(),
@@ -143,7 +146,7 @@ impl Consumer {
             ready = setup => ready?,
         };
         *failures = 0;
-        tracing::info!(queues = ?settings.queues, prefetch = settings.concurrency, "consuming from rabbitmq");
+        tracing::info!(namespace = %settings.namespace, queues = ?settings.queues, prefetch = settings.concurrency, "consuming from rabbitmq");
 
         let tags: Vec<_> = consumers.iter().map(|c| c.tag()).collect();
         let mut deliveries = futures::stream::select_all(consumers);

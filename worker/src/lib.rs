@@ -26,6 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use orchestrator::queue::memory::MemoryQueue;
+use orchestrator::queue::topology;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -76,9 +77,15 @@ pub async fn run_from(
     }
     let worker_id = config.new_worker_id();
     let client = rpc::connect(&config)?;
-    if matches!(source, Source::Rabbitmq) {
-        rpc::check_server(&client, &config.server).await?;
-    }
+    let namespace = match source {
+        Source::Rabbitmq => {
+            rpc::check_server(&client, &config.server, config.namespace.as_deref()).await?
+        }
+        Source::InProcess(_) => config
+            .namespace
+            .clone()
+            .unwrap_or_else(|| orchestrator::auth::DEFAULT_NAMESPACE.to_owned()),
+    };
     let leases = Arc::new(lease::Leases::default());
     let shared = Arc::new(attempt::Shared::new(
         client.clone(),
@@ -91,6 +98,7 @@ pub async fn run_from(
     tracing::info!(
         worker_id = %worker_id,
         server = %config.server,
+        namespace = %namespace,
         queues = ?config.queues,
         concurrency = config.concurrency,
         kinds = ?shared.registry.kinds(),
@@ -115,6 +123,7 @@ pub async fn run_from(
         Source::Rabbitmq => {
             let settings = consumer::ConsumerSettings {
                 amqp_url: config.amqp_url.clone(),
+                namespace,
                 queues: config.queues.clone(),
                 concurrency: config.concurrency,
                 worker_id: worker_id.clone(),
@@ -125,7 +134,12 @@ pub async fn run_from(
             memory::consume(
                 shared.clone(),
                 queue,
-                config.queues.clone(),
+                // In-process queues are named by routing key; none means all.
+                config
+                    .queues
+                    .iter()
+                    .map(|q| topology::routing_key(&namespace, q))
+                    .collect(),
                 config.concurrency,
                 attempts.clone(),
                 shutdown,

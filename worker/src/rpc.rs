@@ -91,11 +91,23 @@ pub(crate) fn is_transient(code: Code) -> bool {
     )
 }
 
-/// Refuses to start against a server whose queue is in its own process
-/// (`orchd dev`): such a worker would wait on a broker that never carries
-/// a job. Any other answer, or none (orchd not up yet, an older orchd),
-/// lets the worker start.
-pub(crate) async fn check_server(client: &Client, server: &str) -> Result<(), WorkerError> {
+/// Asks orchd who this worker is and returns the namespace whose queues it
+/// consumes: `requested`, or else the token's. Refuses to start against a
+/// server whose queue is in its own process (`orchd dev`), since such a
+/// worker would wait on a broker that never carries a job, and when a
+/// worker token names another namespace than its own. No answer (orchd not
+/// up yet, an older orchd) lets the worker start, in `requested` or the
+/// default namespace.
+pub(crate) async fn check_server(
+    client: &Client,
+    server: &str,
+    requested: Option<&str>,
+) -> Result<String, WorkerError> {
+    let fallback = || {
+        requested
+            .unwrap_or(orchestrator::auth::DEFAULT_NAMESPACE)
+            .to_owned()
+    };
     let request = request(
         orchestrator::proto::v1::GetServerInfoRequest {},
         Duration::from_secs(3),
@@ -103,13 +115,23 @@ pub(crate) async fn check_server(client: &Client, server: &str) -> Result<(), Wo
     match client.clone().get_server_info(request).await {
         Ok(info) => {
             let info = info.into_inner();
-            if info.accepts_external_workers {
-                Ok(())
-            } else {
-                Err(WorkerError::Config(format!(
+            if !info.accepts_external_workers {
+                return Err(WorkerError::Config(format!(
                     "orchd at {server} runs with an {} queue and takes no external workers: {}",
                     info.queue_backend, info.message
-                )))
+                )));
+            }
+            // An older orchd says nothing about namespaces.
+            if info.namespace.is_empty() {
+                return Ok(fallback());
+            }
+            match requested {
+                None => Ok(info.namespace),
+                Some(ns) if ns == info.namespace || info.role == "admin" => Ok(ns.to_owned()),
+                Some(ns) => Err(WorkerError::Config(format!(
+                    "--namespace {ns:?}: this worker's token belongs to namespace {:?} and only an admin token may consume another namespace's queues",
+                    info.namespace
+                ))),
             }
         }
         // A refused token will never work: say so now, not at the first job.
@@ -127,7 +149,7 @@ pub(crate) async fn check_server(client: &Client, server: &str) -> Result<(), Wo
         }
         Err(status) => {
             tracing::debug!(code = ?status.code(), error = %status.message(), "GetServerInfo unanswered; starting anyway");
-            Ok(())
+            Ok(fallback())
         }
     }
 }

@@ -219,13 +219,13 @@ async fn publish_dispatch(amqp_url: &str, msg: &DispatchMessage) {
         .unwrap();
     let channel = conn.create_channel().await.unwrap();
     topology::declare_base(&channel).await.unwrap();
-    topology::declare_job_queue(&channel, &msg.queue)
+    topology::declare_job_queue(&channel, &msg.namespace, &msg.queue)
         .await
         .unwrap();
     channel
         .basic_publish(
             topology::JOBS_EXCHANGE.into(),
-            msg.queue.as_str().into(),
+            topology::routing_key_of(msg).as_str().into(),
             BasicPublishOptions::default(),
             &message::encode(msg),
             BasicProperties::default().with_delivery_mode(2),
@@ -259,6 +259,7 @@ async fn two_workers_racing_on_a_duplicated_message_run_one_attempt() {
         queue: queue.clone(),
         attempt: 1,
         published_at: Some(ms_to_timestamp(now_ms())),
+        namespace: job.namespace.clone(),
     };
     publish_dispatch(&orchd.amqp_url, &duplicate).await;
     publish_dispatch(&orchd.amqp_url, &duplicate).await;

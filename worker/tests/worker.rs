@@ -326,7 +326,7 @@ async fn publish_raw(channel: &Channel, queue: &str, body: &[u8], id: &str) {
     channel
         .basic_publish(
             topology::JOBS_EXCHANGE.into(),
-            queue.into(),
+            topology::routing_key("default", queue).as_str().into(),
             BasicPublishOptions::default(),
             body,
             BasicProperties::default().with_message_id(id.into()),
@@ -347,7 +347,9 @@ async fn poison_messages_are_dead_lettered_and_the_worker_goes_on() {
     let connection = amqp::connect(&orchd.amqp_url, "test-poison").await.unwrap();
     let channel = connection.create_channel().await.unwrap();
     let mut tap = dead_letter_tap(&channel).await;
-    topology::declare_job_queue(&channel, &queue).await.unwrap();
+    topology::declare_job_queue(&channel, "default", &queue)
+        .await
+        .unwrap();
 
     let garbage_id = orchestrator_testkit::unique_name("garbage");
     publish_raw(&channel, &queue, b"\xff\x00 not protobuf", &garbage_id).await;
@@ -358,6 +360,7 @@ async fn poison_messages_are_dead_lettered_and_the_worker_goes_on() {
         queue: queue.clone(),
         attempt: 1,
         published_at: None,
+        namespace: "default".into(),
     };
     publish_raw(&channel, &queue, &message::encode(&unknown), &unknown_id).await;
 

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod tokens;
+
 use std::time::Duration;
 
 use lapin::options::BasicGetOptions;
@@ -108,12 +110,12 @@ pub async fn next_dispatch(
         if let Ok(conn) = orchestrator::queue::amqp::connect(amqp_url, "test-reader").await {
             let channel = conn.create_channel().await.expect("channel");
             topology::declare_base(&channel).await.expect("topology");
-            topology::declare_job_queue(&channel, queue)
+            topology::declare_job_queue(&channel, "default", queue)
                 .await
                 .expect("queue");
             let got = channel
                 .basic_get(
-                    topology::queue_name(queue).as_str().into(),
+                    topology::queue_name("default", queue).as_str().into(),
                     BasicGetOptions { no_ack: true },
                 )
                 .await
