@@ -165,7 +165,7 @@ async fn grpc_other_tenants_get_not_found_and_change_nothing() {
     };
     assert_eq!(
         list_as(&server, ALICE, in_a.clone()).await,
-        [job.id.clone()]
+        vec![job.id.clone()]
     );
     assert!(list_as(&server, BOB, in_a.clone()).await.is_empty());
 
@@ -181,7 +181,7 @@ async fn grpc_other_tenants_get_not_found_and_change_nothing() {
         },
     )
     .await;
-    assert_eq!(listed, [job.id.clone()]);
+    assert_eq!(listed, vec![job.id.clone()]);
     assert!(
         list_as(&server, ROOT, in_a).await.is_empty(),
         "the admin's own namespace (ops) is listed by default"
@@ -384,7 +384,6 @@ async fn workers_only_receive_and_run_their_tenants_jobs() {
             job_id: alices.id.clone(),
             lease_token: "guessed".into(),
             outcome: Some(Outcome::Completed(Default::default())),
-            ..Default::default()
         })
         .await
         .unwrap_err();
