@@ -810,7 +810,7 @@ async fn case_namespaces_keep_jobs_indexes_and_keys_apart(store: Arc<dyn JobStor
                 page_size: 100,
                 ..filter.clone()
             };
-            assert_eq!(listed_ids(&*store, &q).await, [own.clone()], "{q:?}");
+            assert_eq!(listed_ids(&*store, &q).await, vec![own.clone()], "{q:?}");
         }
     }
     assert!(
@@ -830,7 +830,7 @@ async fn case_namespaces_keep_jobs_indexes_and_keys_apart(store: Arc<dyn JobStor
     };
     assert_eq!(
         listed_ids(&*store, &cancelled("tenant-a")).await,
-        [a.id.clone()]
+        vec![a.id.clone()]
     );
     assert!(listed_ids(&*store, &cancelled("tenant-b")).await.is_empty());
 
