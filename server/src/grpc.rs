@@ -87,7 +87,11 @@ impl job_service_server::JobService for GrpcJobs {
         &self,
         request: Request<WatchJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
-        let stream = self.service.watch(&request.into_inner().job_id).await?;
+        let caller = grpc_caller(&request)?;
+        let stream = self
+            .service
+            .watch(&request.into_inner().job_id, &caller)
+            .await?;
         Ok(Response::new(
             stream.map(|item| item.map_err(Status::from)).boxed(),
         ))
