@@ -204,9 +204,9 @@ pub async fn start_with_auth(
         .build_v1alpha()
         .map_err(|e| ServerError::Reflection(e.to_string()))?;
 
+    let max_request = config.limits.max_request_bytes;
     // Keepalive pings find clients that vanished behind a partition, so
     // their streams and connections do not linger.
-    let max_request = config.limits.max_request_bytes;
     let grpc = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))

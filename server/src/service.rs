@@ -263,6 +263,8 @@ impl JobService {
         let store = self.store.clone();
         let stream = watch_stream(store, id, first, changes)
             .take_until(self.shutdown.clone().cancelled_owned())
+            // The stream owns the slot: dropping it (the end, or a client
+            // that went away) frees the slot.
             .map(move |item| {
                 let _held = &slot;
                 item
