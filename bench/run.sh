@@ -146,9 +146,12 @@ for port in "$GRPC_PORT" "$HTTP_PORT"; do
   if ss -Hltn "sport = :$port" | grep -q .; then die "port $port is taken; set GRPC_PORT/HTTP_PORT"; fi
 done
 export RUST_LOG=${RUST_LOG:-warn} # as Celery's --loglevel=warning
+# --submit-rate off: the run measures orchd's throughput, not the per-token
+# submit limit (1000/s by default, which the batched scenario exceeds).
 log "starting orchd serve on $GRPC / $REST (Redis prefix orchbench-$TS:)"
 "$BIN/orchd" serve --grpc-addr "127.0.0.1:$GRPC_PORT" --http-addr "127.0.0.1:$HTTP_PORT" \
   --redis-url "$REDIS_URL" --amqp-url "$AMQP_URL" --redis-prefix "orchbench-$TS:" \
+  --submit-rate off \
   >"$RESULTS/orchd.log" 2>&1 &
 ORCHD=$!
 PIDS+=("$ORCHD")

@@ -1,7 +1,13 @@
 //! The library's error type, and the one place where errors become gRPC
-//! status codes and gRPC codes become HTTP status codes.
+//! status codes and gRPC codes become HTTP status codes, including the retry
+//! hint of a RESOURCE_EXHAUSTED answer (`retry-after` metadata and a
+//! `google.rpc.RetryInfo` detail on gRPC, a `Retry-After` header on HTTP).
+
+use std::time::Duration;
 
 use tonic::Code;
+use tonic::metadata::{MetadataMap, MetadataValue};
+use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::state::{IllegalTransition, State};
 
@@ -44,9 +50,30 @@ pub enum Error {
         /// The underlying error.
         message: String,
     },
-    /// A limit was hit; the caller may retry later.
-    #[error("{0}")]
-    ResourceExhausted(String),
+    /// A per-caller limit was hit (the submit rate, open watch streams); the
+    /// caller may retry later, after `retry_after` when it is known.
+    #[error("{message}")]
+    ResourceExhausted {
+        /// The limit, named as its setting (`submit_rate`, ...).
+        limit: &'static str,
+        /// What was exceeded, naming the limit, its value and the caller.
+        message: String,
+        /// When a retry can succeed, if the server knows.
+        retry_after: Option<Duration>,
+    },
+    /// The request is larger than the server accepts; retrying cannot help.
+    /// OUT_OF_RANGE on gRPC (as tonic reports a message over its size
+    /// limit), HTTP 413.
+    #[error("request too large: {message}")]
+    TooLarge {
+        /// The limit, named as its setting (`max_request_bytes`).
+        limit: &'static str,
+        /// How large the request was and what the limit is.
+        message: String,
+    },
+    /// The request took longer than the server's per-request limit.
+    #[error("deadline exceeded: {0}")]
+    DeadlineExceeded(String),
     /// A bug or corrupt data.
     #[error("internal error: {0}")]
     Internal(String),
@@ -81,17 +108,62 @@ impl Error {
             | Error::StaleLease(_) => Code::FailedPrecondition,
             Error::Conflict(_) => Code::Aborted,
             Error::Unavailable { .. } => Code::Unavailable,
-            Error::ResourceExhausted(_) => Code::ResourceExhausted,
+            Error::ResourceExhausted { .. } => Code::ResourceExhausted,
+            Error::TooLarge { .. } => Code::OutOfRange,
+            Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Error::Internal(_) => Code::Internal,
             Error::Unauthenticated(_) => Code::Unauthenticated,
             Error::PermissionDenied(_) => Code::PermissionDenied,
         }
     }
+
+    /// The HTTP status of this error on the REST surface: the one of its
+    /// gRPC code, except 413 for a request that is too large.
+    pub fn http_status(&self) -> u16 {
+        match self {
+            Error::TooLarge { .. } => 413,
+            other => http_status(other.code()),
+        }
+    }
+
+    /// How long the caller should wait before retrying, when known.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Error::ResourceExhausted { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
 }
+
+/// The retry hint in whole seconds, rounded up and at least 1, as HTTP's
+/// `Retry-After` header and the gRPC `retry-after` metadata carry it.
+pub fn retry_after_secs(delay: Duration) -> u64 {
+    let secs = delay.as_secs() + u64::from(delay.subsec_nanos() > 0);
+    secs.max(1)
+}
+
+/// Name of the gRPC metadata entry that carries the retry hint in seconds.
+pub const RETRY_AFTER_METADATA: &str = "retry-after";
 
 impl From<Error> for tonic::Status {
     fn from(err: Error) -> Self {
-        tonic::Status::new(err.code(), err.to_string())
+        let code = err.code();
+        match err.retry_after() {
+            Some(delay) => {
+                let mut metadata = MetadataMap::new();
+                metadata.insert(
+                    RETRY_AFTER_METADATA,
+                    MetadataValue::from(retry_after_secs(delay)),
+                );
+                tonic::Status::with_error_details_and_metadata(
+                    code,
+                    err.to_string(),
+                    ErrorDetails::with_retry_info(Some(delay)),
+                    metadata,
+                )
+            }
+            None => tonic::Status::new(code, err.to_string()),
+        }
     }
 }
 
@@ -178,9 +250,18 @@ mod tests {
                 503,
             ),
             (
-                Error::ResourceExhausted("slow down".into()),
+                Error::ResourceExhausted {
+                    limit: "submit_rate",
+                    message: "slow down".into(),
+                    retry_after: None,
+                },
                 Code::ResourceExhausted,
                 429,
+            ),
+            (
+                Error::DeadlineExceeded("slow".into()),
+                Code::DeadlineExceeded,
+                504,
             ),
             (Error::Internal("bug".into()), Code::Internal, 500),
             (
@@ -197,6 +278,7 @@ mod tests {
         for (err, code, http) in cases {
             assert_eq!(err.code(), code, "{err}");
             assert_eq!(http_status(err.code()), http, "{err}");
+            assert_eq!(err.http_status(), http, "{err}");
             let status = tonic::Status::from(err);
             assert_eq!(status.code(), code);
         }
@@ -214,6 +296,60 @@ mod tests {
         }
         .into();
         assert_eq!(e.to_string(), "illegal transition from FAILED to CANCELLED");
+    }
+
+    #[test]
+    fn too_large_is_out_of_range_on_grpc_and_413_on_http() {
+        let err = Error::TooLarge {
+            limit: "max_request_bytes",
+            message: "the body is more than 10 bytes (max_request_bytes)".into(),
+        };
+        assert_eq!(err.code(), Code::OutOfRange);
+        assert_eq!(err.http_status(), 413);
+        assert_eq!(http_status(err.code()), 400);
+        assert!(err.to_string().contains("max_request_bytes"), "{err}");
+    }
+
+    #[test]
+    fn resource_exhausted_carries_the_retry_hint_on_grpc() {
+        let err = Error::ResourceExhausted {
+            limit: "submit_rate",
+            message: "submit rate limit of 2/s for token \"alice\" exceeded; retry after 120ms"
+                .into(),
+            retry_after: Some(Duration::from_millis(120)),
+        };
+        assert_eq!(err.retry_after(), Some(Duration::from_millis(120)));
+        let status = tonic::Status::from(err);
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert!(status.message().contains("retry after 120ms"));
+        assert_eq!(
+            status.metadata().get(RETRY_AFTER_METADATA).unwrap(),
+            "1",
+            "rounded up to whole seconds"
+        );
+        let info = status.get_details_retry_info().expect("a RetryInfo detail");
+        assert_eq!(info.retry_delay, Some(Duration::from_millis(120)));
+        // Without a hint, no metadata and no details.
+        let status = tonic::Status::from(Error::ResourceExhausted {
+            limit: "max_watches_per_token",
+            message: "too many".into(),
+            retry_after: None,
+        });
+        assert!(status.metadata().get(RETRY_AFTER_METADATA).is_none());
+        assert!(status.details().is_empty());
+    }
+
+    #[test]
+    fn retry_hints_round_up_to_whole_seconds() {
+        for (delay, secs) in [
+            (Duration::ZERO, 1),
+            (Duration::from_millis(1), 1),
+            (Duration::from_secs(1), 1),
+            (Duration::from_millis(1001), 2),
+            (Duration::from_secs(3600), 3600),
+        ] {
+            assert_eq!(retry_after_secs(delay), secs, "{delay:?}");
+        }
     }
 
     #[test]

@@ -14,32 +14,41 @@ use crate::job::{
 use crate::proto::v1::{ListJobsRequest, SubmitJobRequest, job};
 use crate::state::State;
 
-/// Limits on what a client may send; configurable on the server.
+/// Limits on what a client may send; configurable on the server (the
+/// defaults are orchd's).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// Largest payload, in bytes of its protobuf encoding.
     pub max_payload_bytes: usize,
+    /// Most labels on one job.
+    pub max_labels: usize,
+    /// Longest label key, in bytes.
+    pub max_label_key_bytes: usize,
+    /// Longest label value, in bytes.
+    pub max_label_value_bytes: usize,
+    /// Largest page of ListJobs.
+    pub max_page_size: u32,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_payload_bytes: 1024 * 1024,
+            max_labels: 64,
+            max_label_key_bytes: 63,
+            max_label_value_bytes: 256,
+            max_page_size: 1000,
         }
     }
 }
 
 const MAX_NAME_LEN: usize = 64;
-const MAX_LABELS: usize = 64;
-const MAX_LABEL_KEY_LEN: usize = 63;
-const MAX_LABEL_VALUE_LEN: usize = 256;
 const MAX_IDEMPOTENCY_KEY_LEN: usize = 256;
 const MAX_BACKOFF: Duration = Duration::from_secs(24 * 3600);
 const MAX_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
-/// Default number of jobs per page of ListJobs.
+/// Default number of jobs per page of ListJobs (less when the largest page
+/// allowed is smaller).
 pub const DEFAULT_PAGE_SIZE: u32 = 50;
-/// Largest page of ListJobs.
-pub const MAX_PAGE_SIZE: u32 = 1000;
 
 /// Longest namespace (a DNS label, like a Kubernetes namespace).
 pub const MAX_NAMESPACE_LEN: usize = 63;
@@ -180,34 +189,7 @@ pub fn submit(req: &SubmitJobRequest, limits: &Limits) -> Result<NewJob> {
         ));
     }
 
-    if req.labels.len() > MAX_LABELS {
-        return Err(Error::invalid(
-            "labels",
-            format!("at most {MAX_LABELS} labels, got {}", req.labels.len()),
-        ));
-    }
-    for (key, value) in &req.labels {
-        let key_ok = !key.is_empty()
-            && key.len() <= MAX_LABEL_KEY_LEN
-            && key
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/'));
-        if !key_ok {
-            return Err(Error::invalid(
-                "labels",
-                format!(
-                    "key {:?} must be 1 to {MAX_LABEL_KEY_LEN} characters of letters, digits, '.', '_', '-' and '/'",
-                    truncate(key)
-                ),
-            ));
-        }
-        if value.len() > MAX_LABEL_VALUE_LEN {
-            return Err(Error::invalid(
-                "labels",
-                format!("value of {key:?} must be at most {MAX_LABEL_VALUE_LEN} bytes"),
-            ));
-        }
-    }
+    labels(&req.labels, limits)?;
 
     let key = &req.idempotency_key;
     if key.len() > MAX_IDEMPOTENCY_KEY_LEN {
@@ -240,6 +222,49 @@ pub fn submit(req: &SubmitJobRequest, limits: &Limits) -> Result<NewJob> {
         submitted_by: String::new(),
         namespace: req.namespace.clone(),
     })
+}
+
+fn labels(labels: &std::collections::HashMap<String, String>, limits: &Limits) -> Result<()> {
+    if labels.len() > limits.max_labels {
+        return Err(Error::invalid(
+            "labels",
+            format!(
+                "at most {} labels (max_labels), got {}",
+                limits.max_labels,
+                labels.len()
+            ),
+        ));
+    }
+    let max_key = limits.max_label_key_bytes;
+    let max_value = limits.max_label_value_bytes;
+    for (key, value) in labels {
+        let key_ok = !key.is_empty()
+            && key.len() <= max_key
+            && key
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/'));
+        if !key_ok {
+            return Err(Error::invalid(
+                "labels",
+                format!(
+                    "key {:?} ({} bytes) must be 1 to {max_key} characters (max_label_key_bytes) of letters, digits, '.', '_', '-' and '/'",
+                    truncate(key),
+                    key.len()
+                ),
+            ));
+        }
+        if value.len() > max_value {
+            return Err(Error::invalid(
+                "labels",
+                format!(
+                    "value of {:?} is {} bytes, more than {max_value} (max_label_value_bytes)",
+                    truncate(key),
+                    value.len()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn retry(policy: Option<&crate::proto::v1::RetryPolicy>) -> Result<RetrySettings> {
@@ -283,7 +308,7 @@ pub struct ListQuery {
     pub kind: Option<String>,
     /// Only this queue.
     pub queue: Option<String>,
-    /// 1..=1000.
+    /// 1 to the largest page allowed.
     pub page_size: u32,
     /// Opaque cursor from the previous page.
     pub page_token: Option<String>,
@@ -303,7 +328,7 @@ impl ListQuery {
 }
 
 /// Validates a list request and fills in the defaults.
-pub fn list(req: &ListJobsRequest) -> Result<ListQuery> {
+pub fn list(req: &ListJobsRequest, limits: &Limits) -> Result<ListQuery> {
     let state = match job::State::try_from(req.state) {
         Ok(s) => State::from_proto(s),
         Err(_) => {
@@ -322,13 +347,14 @@ pub fn list(req: &ListJobsRequest) -> Result<ListQuery> {
     let queue = (!req.queue.is_empty())
         .then(|| name("queue", &req.queue).map(|()| req.queue.clone()))
         .transpose()?;
+    let max = limits.max_page_size;
     let page_size = match req.page_size {
-        0 => DEFAULT_PAGE_SIZE,
-        n if n <= MAX_PAGE_SIZE => n,
+        0 => DEFAULT_PAGE_SIZE.min(max),
+        n if n <= max => n,
         n => {
             return Err(Error::invalid(
                 "page_size",
-                format!("must be at most {MAX_PAGE_SIZE}, got {n}"),
+                format!("must be at most {max} (max_page_size), got {n}"),
             ));
         }
     };
@@ -412,7 +438,10 @@ mod tests {
             namespace: "a.b".into(),
             ..ListJobsRequest::default()
         };
-        assert_eq!(field_of(list(&list_req).unwrap_err()), "namespace");
+        assert_eq!(
+            field_of(list(&list_req, &Limits::default()).unwrap_err()),
+            "namespace"
+        );
     }
 
     #[test]
@@ -494,6 +523,7 @@ mod tests {
         };
         let limits = Limits {
             max_payload_bytes: 1000,
+            ..Limits::default()
         };
         let err = submit(&req, &limits).unwrap_err();
         assert!(err.to_string().contains("limit of 1000 bytes"), "{err}");
@@ -652,18 +682,22 @@ mod tests {
 
     #[test]
     fn list_requests_get_defaults_and_bounds() {
-        let q = list(&ListJobsRequest::default()).unwrap();
+        let limits = Limits::default();
+        let q = list(&ListJobsRequest::default(), &limits).unwrap();
         assert_eq!(q.page_size, 50);
         assert_eq!(
             (q.state, q.kind, q.queue, q.page_token),
             (None, None, None, None)
         );
-        let q = list(&ListJobsRequest {
-            state: job::State::Running as i32,
-            kind: "sleep".into(),
-            page_size: 1000,
-            ..Default::default()
-        })
+        let q = list(
+            &ListJobsRequest {
+                state: job::State::Running as i32,
+                kind: "sleep".into(),
+                page_size: 1000,
+                ..Default::default()
+            },
+            &limits,
+        )
         .unwrap();
         assert_eq!(q.state, Some(State::Running));
         assert_eq!(q.kind.as_deref(), Some("sleep"));
@@ -697,7 +731,54 @@ mod tests {
                 "queue",
             ),
         ] {
-            assert_eq!(field_of(list(&req).unwrap_err()), field);
+            assert_eq!(field_of(list(&req, &limits).unwrap_err()), field);
         }
+    }
+
+    #[test]
+    fn configured_label_and_page_limits_apply() {
+        let limits = Limits {
+            max_labels: 2,
+            max_label_key_bytes: 4,
+            max_label_value_bytes: 3,
+            max_page_size: 10,
+            ..Limits::default()
+        };
+        let with = |pairs: &[(&str, &str)]| SubmitJobRequest {
+            labels: pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..spec("sleep")
+        };
+        assert!(submit(&with(&[("a", "x"), ("bcde", "xyz")]), &limits).is_ok());
+        for (labels, names) in [
+            (&[("a", "1"), ("b", "2"), ("c", "3")][..], "max_labels"),
+            (&[("abcde", "1")][..], "max_label_key_bytes"),
+            (&[("a", "1234")][..], "max_label_value_bytes"),
+        ] {
+            let err = submit(&with(labels), &limits).unwrap_err();
+            assert!(err.to_string().contains(names), "{err}");
+            assert_eq!(field_of(err), "labels");
+        }
+        // The defaults allow what the configured limits refuse.
+        assert!(submit(&with(&[("abcde", "1234")]), &Limits::default()).is_ok());
+
+        let page = |n| ListJobsRequest {
+            page_size: n,
+            ..Default::default()
+        };
+        assert_eq!(list(&page(10), &limits).unwrap().page_size, 10);
+        assert_eq!(
+            list(&page(0), &limits).unwrap().page_size,
+            10,
+            "the default shrinks to the limit"
+        );
+        let err = list(&page(11), &limits).unwrap_err();
+        assert!(
+            err.to_string().contains("at most 10 (max_page_size)"),
+            "{err}"
+        );
+        assert_eq!(field_of(err), "page_size");
     }
 }

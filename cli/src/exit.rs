@@ -6,8 +6,11 @@
 //! "Exit codes" section of `orchctl --help`.
 
 use std::fmt;
+use std::time::Duration;
 
+use orchestrator::error::RETRY_AFTER_METADATA;
 use tonic::Code;
+use tonic_types::StatusExt;
 
 /// The command completed (for `watch` and `submit --wait`: the job COMPLETED).
 pub const OK: u8 = 0;
@@ -23,6 +26,8 @@ pub const INVALID_INPUT: u8 = 4;
 pub const UNAVAILABLE: u8 = 5;
 /// The token is missing, wrong or not allowed to do this.
 pub const AUTH: u8 = 6;
+/// A per-token limit of orchd was hit (RESOURCE_EXHAUSTED); retry later.
+pub const LIMITED: u8 = 7;
 /// `watch` / `submit --wait`: the job ended FAILED.
 pub const JOB_FAILED: u8 = 10;
 /// `watch` / `submit --wait`: the job ended CANCELLED.
@@ -42,6 +47,8 @@ Exit codes:
       DEADLINE_EXCEEDED (30 s per call), or a watch stream that ended before
       the job was terminal
    6  authentication: UNAUTHENTICATED or PERMISSION_DENIED
+   7  a limit of orchd was hit (RESOURCE_EXHAUSTED): the token's submit
+      rate or its open watch streams; the message says when to retry
   10  `watch` / `submit --wait`: the job ended FAILED
   11  `watch` / `submit --wait`: the job ended CANCELLED
 
@@ -134,11 +141,11 @@ pub fn code_exit(code: Code) -> u8 {
         Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => INVALID_INPUT,
         Code::Unavailable | Code::DeadlineExceeded => UNAVAILABLE,
         Code::Unauthenticated | Code::PermissionDenied => AUTH,
+        Code::ResourceExhausted => LIMITED,
         Code::Ok
         | Code::Cancelled
         | Code::Unknown
         | Code::AlreadyExists
-        | Code::ResourceExhausted
         | Code::Aborted
         | Code::Unimplemented
         | Code::Internal
@@ -170,8 +177,27 @@ pub fn code_name(code: Code) -> &'static str {
     }
 }
 
+/// When orchd says a retry can succeed: its `google.rpc.RetryInfo` detail,
+/// or else its `retry-after` metadata (whole seconds).
+pub fn retry_hint(status: &tonic::Status) -> Option<Duration> {
+    if let Some(delay) = status
+        .get_details_retry_info()
+        .and_then(|info| info.retry_delay)
+    {
+        return Some(delay);
+    }
+    let secs = status.metadata().get(RETRY_AFTER_METADATA)?;
+    secs.to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+        .map(Duration::from_secs)
+}
+
 /// Renders a status as `CODE_NAME: message` (the code's description when
-/// the server sent no message).
+/// the server sent no message), with the retry hint when the server gave
+/// one that the message does not already state.
 struct StatusDisplay<'a>(&'a tonic::Status);
 
 impl fmt::Display for StatusDisplay<'_> {
@@ -183,7 +209,13 @@ impl fmt::Display for StatusDisplay<'_> {
         } else {
             message
         };
-        write!(f, "{}: {}", code_name(status.code()), message)
+        write!(f, "{}: {}", code_name(status.code()), message)?;
+        if let Some(delay) = retry_hint(status)
+            && !message.contains("retry after")
+        {
+            write!(f, "; retry after {}", humantime::format_duration(delay))?;
+        }
+        Ok(())
     }
 }
 
@@ -235,6 +267,7 @@ mod tests {
                 Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => 4,
                 Code::Unavailable | Code::DeadlineExceeded => 5,
                 Code::Unauthenticated | Code::PermissionDenied => 6,
+                Code::ResourceExhausted => 7,
                 _ => 1,
             };
             assert_eq!(code_exit(code), expected, "{code:?}");
@@ -312,6 +345,38 @@ mod tests {
             err.to_string(),
             "UNAVAILABLE: The service is currently unavailable"
         );
+    }
+
+    #[test]
+    fn limit_errors_exit_7_and_show_the_retry_hint() {
+        // orchd's own answer: the hint is in the message, the metadata and
+        // the RetryInfo detail; it is shown once.
+        let status = tonic::Status::from(orchestrator::Error::ResourceExhausted {
+            limit: "submit_rate",
+            message: "submit rate limit of 2/s (burst 2, submit_rate) for token \"alice\" exceeded; retry after 500ms".into(),
+            retry_after: Some(Duration::from_millis(500)),
+        });
+        assert_eq!(retry_hint(&status), Some(Duration::from_millis(500)));
+        let err = CliError::Rpc(status);
+        assert_eq!(err.exit_code(), LIMITED);
+        let text = err.to_string();
+        assert!(
+            text.starts_with("RESOURCE_EXHAUSTED: submit rate limit"),
+            "{text}"
+        );
+        assert_eq!(text.matches("retry after").count(), 1, "{text}");
+
+        // A hint only in the metadata (a proxy, another server) is added.
+        let mut status = tonic::Status::resource_exhausted("slow down");
+        status
+            .metadata_mut()
+            .insert(RETRY_AFTER_METADATA, "3".parse().unwrap());
+        assert_eq!(retry_hint(&status), Some(Duration::from_secs(3)));
+        assert_eq!(
+            CliError::Rpc(status).to_string(),
+            "RESOURCE_EXHAUSTED: slow down; retry after 3s"
+        );
+        assert_eq!(retry_hint(&tonic::Status::resource_exhausted("x")), None);
     }
 
     #[test]

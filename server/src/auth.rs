@@ -73,6 +73,23 @@ pub fn from_config(
     Ok(Authenticator::new(tokens))
 }
 
+/// The one `authorization` value of a request. A repeated header is
+/// refused when tokens are on: a proxy or a smuggled header line could
+/// otherwise decide which of two credentials is checked.
+fn single_authorization<'a>(
+    auth: &Authenticator,
+    mut values: impl Iterator<Item = &'a [u8]>,
+) -> Result<Option<&'a [u8]>, Error> {
+    let first = values.next();
+    if auth.is_enabled() && values.next().is_some() {
+        return Err(Error::Unauthenticated(
+            "malformed authorization: the header is repeated; send exactly one `authorization: Bearer <token>`"
+                .into(),
+        ));
+    }
+    Ok(first)
+}
+
 fn log_refusal(api: Api, err: &Error) {
     match err {
         Error::PermissionDenied(_) => {
@@ -99,11 +116,14 @@ impl GrpcAuth {
 
 impl Interceptor for GrpcAuth {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        let header = request
+        let values = request
             .metadata()
-            .get("authorization")
+            .get_all("authorization")
+            .iter()
             .map(|v| v.as_bytes());
-        match self.auth.authorize(header, self.api) {
+        let caller = single_authorization(&self.auth, values)
+            .and_then(|header| self.auth.authorize(header, self.api));
+        match caller {
             Ok(caller) => {
                 request.extensions_mut().insert(caller);
                 Ok(request)
@@ -135,11 +155,14 @@ pub async fn rest_jobs(
     mut request: HttpRequest,
     next: Next,
 ) -> Response {
-    let header = request
+    let values = request
         .headers()
-        .get(header::AUTHORIZATION)
+        .get_all(header::AUTHORIZATION)
+        .iter()
         .map(HeaderValue::as_bytes);
-    match auth.authorize(header, Api::Jobs) {
+    let caller =
+        single_authorization(&auth, values).and_then(|header| auth.authorize(header, Api::Jobs));
+    match caller {
         Ok(caller) => {
             request.extensions_mut().insert(caller);
             next.run(request).await

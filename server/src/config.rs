@@ -2,11 +2,16 @@
 //! are humantime (`30s`, `7d`).
 
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use orchestrator::auth::Role;
+use orchestrator::error::Error;
+use orchestrator::validate::Limits;
+
+use crate::limits::{Quotas, SubmitLimiter, SubmitRate};
 
 /// orchd, the orchestrator control plane.
 #[derive(Debug, Parser)]
@@ -93,6 +98,8 @@ pub struct ServeConfig {
     #[command(flatten)]
     pub jobs: JobSettings,
     #[command(flatten)]
+    pub limits: LimitSettings,
+    #[command(flatten)]
     pub auth: AuthConfig,
 }
 
@@ -102,9 +109,6 @@ pub struct JobSettings {
     /// How long terminal jobs are kept before they are purged.
     #[arg(long, env = "ORCH_RETENTION", default_value = "7d", value_parser = humantime::parse_duration)]
     pub retention: Duration,
-    /// Largest accepted job payload, in bytes.
-    #[arg(long, env = "ORCH_MAX_PAYLOAD_BYTES", default_value_t = 1024 * 1024)]
-    pub max_payload_bytes: usize,
     /// Lease of a running attempt when its worker asks for none; a worker
     /// that stops renewing it for this long is considered lost.
     #[arg(long, env = "ORCH_LEASE", default_value = "30s", value_parser = humantime::parse_duration)]
@@ -115,8 +119,113 @@ impl Default for JobSettings {
     fn default() -> Self {
         JobSettings {
             retention: Duration::from_secs(7 * 24 * 3600),
-            max_payload_bytes: 1024 * 1024,
             lease: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What one request and one token may use, the same for `orchd serve` and
+/// `orchd dev`. Every error a limit causes names its setting (the flag
+/// without `--`, with `_`). Anonymous callers (no --tokens-file) share one
+/// allowance of the per-token limits.
+#[derive(Debug, Clone, Args)]
+pub struct LimitSettings {
+    /// Largest request: REST body and gRPC message, in bytes. Larger ones
+    /// get 413 on REST and OUT_OF_RANGE on gRPC; must exceed
+    /// --max-payload-bytes.
+    #[arg(long, env = "ORCH_MAX_REQUEST_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_request_bytes: usize,
+    /// Largest accepted job payload, in bytes of its protobuf encoding.
+    #[arg(long, env = "ORCH_MAX_PAYLOAD_BYTES", default_value_t = 1024 * 1024)]
+    pub max_payload_bytes: usize,
+    /// Most labels on one job.
+    #[arg(long, env = "ORCH_MAX_LABELS", default_value_t = 64)]
+    pub max_labels: usize,
+    /// Longest label key, in bytes.
+    #[arg(long, env = "ORCH_MAX_LABEL_KEY_BYTES", default_value_t = 63)]
+    pub max_label_key_bytes: usize,
+    /// Longest label value, in bytes.
+    #[arg(long, env = "ORCH_MAX_LABEL_VALUE_BYTES", default_value_t = 256)]
+    pub max_label_value_bytes: usize,
+    /// Largest page of ListJobs.
+    #[arg(long, env = "ORCH_MAX_PAGE_SIZE", default_value_t = 1000)]
+    pub max_page_size: u32,
+    /// Most WatchJob streams (gRPC and REST together) one token may have
+    /// open at once; more get RESOURCE_EXHAUSTED / 429.
+    #[arg(long, env = "ORCH_MAX_WATCHES_PER_TOKEN", default_value_t = 100)]
+    pub max_watches_per_token: usize,
+    /// Jobs one token may submit, as JOBS/PERIOD (`200/s`, `1000/m`,
+    /// `50/h`, `10/30s`) or `off`; each job of a batch counts. Past it:
+    /// RESOURCE_EXHAUSTED / 429 with a retry hint.
+    #[arg(long, env = "ORCH_SUBMIT_RATE", default_value = "1000/s")]
+    pub submit_rate: SubmitRate,
+    /// Jobs a token may submit at once above the rate (the size of its
+    /// token bucket); with the rate on, also the largest batch accepted.
+    #[arg(long, env = "ORCH_SUBMIT_BURST", default_value_t = NonZeroU32::new(2000).expect("not zero"))]
+    pub submit_burst: NonZeroU32,
+    /// How long a request may take before its answer starts; then
+    /// DEADLINE_EXCEEDED / 504. A WatchJob stream is timed until its first
+    /// message only.
+    #[arg(long, env = "ORCH_REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
+}
+
+impl Default for LimitSettings {
+    fn default() -> Self {
+        let limits = Limits::default();
+        LimitSettings {
+            max_request_bytes: 4 * 1024 * 1024,
+            max_payload_bytes: limits.max_payload_bytes,
+            max_labels: limits.max_labels,
+            max_label_key_bytes: limits.max_label_key_bytes,
+            max_label_value_bytes: limits.max_label_value_bytes,
+            max_page_size: limits.max_page_size,
+            max_watches_per_token: 100,
+            submit_rate: SubmitRate::per_second(1000),
+            submit_burst: NonZeroU32::new(2000).expect("not zero"),
+            request_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl LimitSettings {
+    /// The request limits, once the settings are checked to make sense
+    /// together; a bad one is an error naming it.
+    pub fn validated(&self) -> Result<Limits, Error> {
+        if self.max_request_bytes <= self.max_payload_bytes {
+            return Err(Error::invalid(
+                "max_request_bytes",
+                format!(
+                    "must be more than max_payload_bytes ({}) so that a request can carry the largest payload, got {}",
+                    self.max_payload_bytes, self.max_request_bytes
+                ),
+            ));
+        }
+        for (name, value) in [
+            ("max_page_size", self.max_page_size as usize),
+            ("max_watches_per_token", self.max_watches_per_token),
+        ] {
+            if value == 0 {
+                return Err(Error::invalid(name, "must be at least 1"));
+            }
+        }
+        if self.request_timeout.is_zero() {
+            return Err(Error::invalid("request_timeout", "must be positive"));
+        }
+        Ok(Limits {
+            max_payload_bytes: self.max_payload_bytes,
+            max_labels: self.max_labels,
+            max_label_key_bytes: self.max_label_key_bytes,
+            max_label_value_bytes: self.max_label_value_bytes,
+            max_page_size: self.max_page_size,
+        })
+    }
+
+    /// The per-token limits: a submit rate limiter and watch slots.
+    pub fn quotas(&self) -> Quotas {
+        Quotas {
+            submit: SubmitLimiter::new(self.submit_rate, self.submit_burst).map(Into::into),
+            ..Quotas::unlimited_rate(self.max_watches_per_token)
         }
     }
 }
@@ -147,6 +256,7 @@ impl ServeConfig {
             amqp_url: amqp_url.into(),
             redis_prefix: "orch:".into(),
             jobs: JobSettings::default(),
+            limits: LimitSettings::default(),
             auth: AuthConfig::default(),
         }
     }
@@ -165,7 +275,92 @@ mod tests {
         assert_eq!(cfg.grpc_addr.port(), 50051);
         assert_eq!(cfg.http_addr.port(), 8000);
         assert_eq!(cfg.jobs.retention, Duration::from_secs(7 * 24 * 3600));
-        assert_eq!(cfg.jobs.max_payload_bytes, 1 << 20);
+        assert_eq!(cfg.limits.max_payload_bytes, 1 << 20);
+    }
+
+    #[test]
+    fn limit_defaults_match_the_library_and_the_docs() {
+        let cli = Cli::try_parse_from(["orchd", "serve"]).unwrap();
+        let Command::Serve(cfg) = cli.command else {
+            panic!("serve")
+        };
+        let parsed = &cfg.limits;
+        let defaults = LimitSettings::default();
+        assert_eq!(parsed.validated().unwrap(), Limits::default());
+        assert_eq!(defaults.validated().unwrap(), Limits::default());
+        for (flag, default) in [
+            (parsed.max_request_bytes, defaults.max_request_bytes),
+            (parsed.max_watches_per_token, defaults.max_watches_per_token),
+            (parsed.submit_burst.get() as usize, 2000),
+        ] {
+            assert_eq!(flag, default);
+        }
+        assert_eq!(parsed.max_request_bytes, 4 << 20);
+        assert_eq!(parsed.submit_rate, SubmitRate::per_second(1000));
+        assert_eq!(parsed.submit_rate, defaults.submit_rate);
+        assert_eq!(parsed.request_timeout, Duration::from_secs(30));
+        assert!(parsed.quotas().submit.is_some());
+    }
+
+    #[test]
+    fn limit_flags_parse_and_bad_combinations_name_the_flag() {
+        let cli = Cli::try_parse_from([
+            "orchd",
+            "dev",
+            "--submit-rate",
+            "off",
+            "--max-watches-per-token",
+            "3",
+            "--max-page-size",
+            "10",
+            "--request-timeout",
+            "2s",
+            "--max-labels",
+            "0",
+        ])
+        .unwrap();
+        let Command::Dev(cfg) = cli.command else {
+            panic!("dev")
+        };
+        assert_eq!(cfg.limits.submit_rate, SubmitRate::Off);
+        assert!(cfg.limits.quotas().submit.is_none());
+        let limits = cfg.limits.validated().unwrap();
+        assert_eq!((limits.max_page_size, limits.max_labels), (10, 0));
+        assert_eq!(cfg.limits.request_timeout, Duration::from_secs(2));
+
+        for args in [
+            &["--submit-rate", "fast"][..],
+            &["--submit-burst", "0"][..],
+            &["--request-timeout", "soon"][..],
+        ] {
+            let mut argv = vec!["orchd", "serve"];
+            argv.extend_from_slice(args);
+            assert!(Cli::try_parse_from(argv).is_err(), "{args:?}");
+        }
+        for (change, field) in [
+            (
+                (|l: &mut LimitSettings| l.max_request_bytes = l.max_payload_bytes)
+                    as fn(&mut LimitSettings),
+                "max_request_bytes",
+            ),
+            (|l: &mut LimitSettings| l.max_page_size = 0, "max_page_size"),
+            (
+                |l: &mut LimitSettings| l.max_watches_per_token = 0,
+                "max_watches_per_token",
+            ),
+            (
+                |l: &mut LimitSettings| l.request_timeout = Duration::ZERO,
+                "request_timeout",
+            ),
+        ] {
+            let mut limits = LimitSettings::default();
+            change(&mut limits);
+            let err = limits.validated().unwrap_err();
+            assert!(
+                err.to_string().starts_with(&format!("invalid {field}:")),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -22,7 +22,7 @@ use orchestrator::validate::ListQuery;
 use orchestrator_worker::{Registry, Source, WorkerConfig};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{AuthConfig, JobSettings};
+use crate::config::{AuthConfig, JobSettings, LimitSettings};
 use crate::{Backend, Running, ServeConfig, ServerError};
 
 /// Settings of `orchd dev`.
@@ -50,6 +50,8 @@ pub struct DevConfig {
     #[command(flatten)]
     pub jobs: JobSettings,
     #[command(flatten)]
+    pub limits: LimitSettings,
+    #[command(flatten)]
     pub auth: AuthConfig,
 }
 
@@ -64,6 +66,7 @@ impl DevConfig {
             ephemeral: true,
             enable_exec: false,
             jobs: JobSettings::default(),
+            limits: LimitSettings::default(),
             auth: AuthConfig::default(),
         }
     }
@@ -73,6 +76,7 @@ impl DevConfig {
         config.grpc_addr = self.grpc_addr;
         config.http_addr = self.http_addr;
         config.jobs = self.jobs.clone();
+        config.limits = self.limits.clone();
         config.auth = self.auth.clone();
         config
     }

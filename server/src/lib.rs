@@ -10,6 +10,7 @@ pub mod dispatch;
 pub mod grpc;
 pub mod health;
 pub mod janitor;
+pub mod limits;
 pub mod openapi;
 pub mod rest;
 pub mod service;
@@ -26,10 +27,10 @@ use orchestrator::queue::JobQueue;
 use orchestrator::queue::amqp::AmqpQueue;
 use orchestrator::store::JobStore;
 use orchestrator::store::redis::{RedisStore, RedisStoreConfig};
-use orchestrator::validate::Limits;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
 
 pub use config::ServeConfig;
 
@@ -156,11 +157,15 @@ pub async fn start_with_auth(
     shutdown: CancellationToken,
 ) -> Result<Running, ServerError> {
     let Backend { store, queue, info } = backend;
-    let limits = Limits {
-        max_payload_bytes: config.jobs.max_payload_bytes,
-    };
+    let limits = config.limits.validated()?;
     let dispatcher = Dispatcher::new(store.clone(), queue.clone(), DispatchConfig::default());
-    let service = JobService::new(store.clone(), dispatcher.clone(), limits, shutdown.clone());
+    let service = JobService::new(
+        store.clone(),
+        dispatcher.clone(),
+        limits,
+        config.limits.quotas(),
+        shutdown.clone(),
+    );
     let attempts = AttemptService::new(
         store.clone(),
         LeaseConfig {
@@ -200,22 +205,26 @@ pub async fn start_with_auth(
         .build_v1alpha()
         .map_err(|e| ServerError::Reflection(e.to_string()))?;
 
+    let max_request = config.limits.max_request_bytes;
     // Keepalive pings find clients that vanished behind a partition, so
     // their streams and connections do not linger.
     let grpc = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .layer(limits::GrpcTimeoutLayer::new(config.limits.request_timeout))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         // Health and reflection are open; the two APIs are behind the
         // authenticator, each for its roles.
-        .add_service(JobServiceServer::with_interceptor(
-            grpc::GrpcJobs::new(service.clone()),
+        .add_service(InterceptedService::new(
+            JobServiceServer::new(grpc::GrpcJobs::new(service.clone()))
+                .max_decoding_message_size(max_request),
             auth::GrpcAuth::new(auth.clone(), Api::Jobs),
         ))
-        .add_service(WorkerServiceServer::with_interceptor(
-            grpc::GrpcWorkers::new(attempts.clone(), info),
+        .add_service(InterceptedService::new(
+            WorkerServiceServer::new(grpc::GrpcWorkers::new(attempts.clone(), info))
+                .max_decoding_message_size(max_request),
             auth::GrpcAuth::new(auth.clone(), Api::Workers),
         ))
         .serve_with_incoming_shutdown(
@@ -224,18 +233,14 @@ pub async fn start_with_auth(
             tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
             shutdown.clone().cancelled_owned(),
         );
-    let max_body = config
-        .jobs
-        .max_payload_bytes
-        .saturating_mul(2)
-        .saturating_add(64 * 1024);
     let router = rest::router(
         rest::RestState {
             service: service.clone(),
             health: health.clone(),
         },
         auth,
-        max_body,
+        max_request,
+        config.limits.request_timeout,
     );
     let http_listener = axum::serve::ListenerExt::tap_io(http_listener, |tcp| {
         if let Err(e) = tcp.set_nodelay(true) {

@@ -16,6 +16,13 @@
 //! - `200` is the output message (`application/x-ndjson` lines of
 //!   `{"result": ...}` / `{"error": ...}` for server-streaming methods) and
 //!   `default` is the grpc-gateway error body, `google.rpc.Status`;
+//! - every operation requires the `bearerAuth` security scheme (HTTP bearer,
+//!   the tokens of `orchd token new`) and lists the error answers of
+//!   authentication (401, 403), the request limits (413 for a body over
+//!   `max_request_bytes`, 429 for the per-token limits of the operations in
+//!   `LIMITED`, with `Retry-After`) and the request timeout (504);
+//!   `/healthz` and `/openapi.json`, which are not in the contract, stay
+//!   open;
 //! - `components/schemas` holds every message reachable from those methods,
 //!   named by full proto name (`orchestrator.v1.Job`), following the proto3
 //!   JSON mapping: json_name properties, 64-bit integers as strings, enums as
@@ -44,6 +51,23 @@ const VERBS: [&str; 5] = ["get", "put", "post", "delete", "patch"];
 const CUSTOM_VERBS: [&str; 3] = ["head", "options", "trace"];
 /// Source-path of a file's `syntax` statement, whose comment heads the file.
 const SYNTAX_PATH: [i32; 1] = [12];
+/// Name of the security scheme of the protected operations.
+const BEARER_SCHEME: &str = "bearerAuth";
+/// The methods a per-token limit applies to, and what the 429 means there.
+const LIMITED: [(&str, &str); 3] = [
+    (
+        "orchestrator.v1.JobService.SubmitJob",
+        "The token's submit rate (`submit_rate`) is used up; retry after `Retry-After` seconds.",
+    ),
+    (
+        "orchestrator.v1.JobService.SubmitJobs",
+        "The token's submit rate (`submit_rate`, each job counts) is used up; retry after `Retry-After` seconds.",
+    ),
+    (
+        "orchestrator.v1.JobService.WatchJob",
+        "The token has `max_watches_per_token` watch streams open; close one first.",
+    ),
+];
 
 static DOCUMENT: LazyLock<Value> = LazyLock::new(|| {
     let pool = DescriptorPool::decode(orchestrator::proto::FILE_DESCRIPTOR_SET)
@@ -124,7 +148,24 @@ fn build(pool: &DescriptorPool) -> Value {
         "info": info,
         "tags": tags,
         "paths": paths,
-        "components": { "schemas": schemas },
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {
+                BEARER_SCHEME: {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "A token made by `orchd token new` (`orch_` and 64 hex digits), sent as `Authorization: Bearer <token>`; role client or admin. Needed only when orchd runs with --tokens-file.",
+                },
+            },
+        },
+    })
+}
+
+/// An error answer with the grpc-gateway error body.
+fn error_response(description: &str) -> Value {
+    json!({
+        "description": description,
+        "content": { "application/json": { "schema": schema_ref(STATUS_SCHEMA) } },
     })
 }
 
@@ -371,7 +412,7 @@ fn any_schema() -> Value {
 fn status_schema() -> Value {
     json!({
         "type": "object",
-        "description": "An error, as grpc-gateway writes it (google.rpc.Status). The HTTP status follows the gRPC code, e.g. 400 for INVALID_ARGUMENT, 404 for NOT_FOUND, 409 for ALREADY_EXISTS, 412 for FAILED_PRECONDITION.",
+        "description": "An error, as grpc-gateway writes it (google.rpc.Status). The HTTP status follows the gRPC code, e.g. 400 for INVALID_ARGUMENT and FAILED_PRECONDITION, 404 for NOT_FOUND, 409 for ALREADY_EXISTS, 429 for RESOURCE_EXHAUSTED, 504 for DEADLINE_EXCEEDED; a body over the size limit gets 413.",
         "properties": {
             "code": {
                 "type": "integer",
@@ -672,16 +713,30 @@ impl Generator {
                 "content": { "application/json": { "schema": response } },
             })
         };
-        operation.insert(
-            "responses".into(),
-            json!({
-                "200": ok,
-                "default": {
-                    "description": "An error; the HTTP status follows the gRPC code.",
-                    "content": { "application/json": { "schema": schema_ref(STATUS_SCHEMA) } },
+        let has_body = operation.contains_key("requestBody");
+        let mut responses = json!({
+            "200": ok,
+            "401": error_response("UNAUTHENTICATED: the bearer token is missing, malformed or unknown (with `WWW-Authenticate: Bearer`)."),
+            "403": error_response("PERMISSION_DENIED: the token's role may not call this."),
+            "504": error_response("DEADLINE_EXCEEDED: the request took longer than `request_timeout`."),
+            "default": error_response("An error; the HTTP status follows the gRPC code."),
+        });
+        if has_body {
+            responses["413"] =
+                error_response("The body is larger than `max_request_bytes`; nothing was done.");
+        }
+        if let Some((_, why)) = LIMITED.iter().find(|(name, _)| *name == method.full_name()) {
+            let mut limited = error_response(&format!("RESOURCE_EXHAUSTED: {why}"));
+            limited["headers"] = json!({
+                "Retry-After": {
+                    "description": "Seconds after which a retry can succeed, when the server knows.",
+                    "schema": { "type": "integer", "minimum": 1 },
                 },
-            }),
-        );
+            });
+            responses["429"] = limited;
+        }
+        operation.insert("responses".into(), responses);
+        operation.insert("security".into(), json!([{ BEARER_SCHEME: [] }]));
         (path, Value::Object(operation))
     }
 
@@ -811,6 +866,55 @@ mod tests {
             doc["tags"].as_array().unwrap().len(),
             1,
             "WorkerService has no HTTP rules"
+        );
+    }
+
+    #[test]
+    fn openapi_job_routes_need_a_bearer_token_and_list_the_limit_answers() {
+        let doc = document();
+        assert_eq!(
+            doc["components"]["securitySchemes"]["bearerAuth"],
+            json!({
+                "type": "http",
+                "scheme": "bearer",
+                "description": doc["components"]["securitySchemes"]["bearerAuth"]["description"],
+            })
+        );
+        let paths = doc["paths"].as_object().unwrap();
+        let mut operations = 0;
+        for (path, item) in paths {
+            for (verb, operation) in item.as_object().unwrap() {
+                operations += 1;
+                let at = format!("{verb} {path}");
+                assert_eq!(operation["security"], json!([{ "bearerAuth": [] }]), "{at}");
+                let responses = &operation["responses"];
+                for code in ["200", "401", "403", "504", "default"] {
+                    assert!(responses.get(code).is_some(), "{at}: no {code}");
+                }
+                assert_eq!(
+                    responses.get("413").is_some(),
+                    operation.get("requestBody").is_some(),
+                    "{at}: 413 exactly where a body is read"
+                );
+                let limited = matches!(
+                    operation["operationId"].as_str(),
+                    Some("SubmitJob" | "SubmitJobs" | "WatchJob")
+                );
+                assert_eq!(responses.get("429").is_some(), limited, "{at}");
+                if limited {
+                    assert!(
+                        responses["429"]["headers"]["Retry-After"].is_object(),
+                        "{at}"
+                    );
+                }
+            }
+        }
+        assert_eq!(operations, 6);
+        // The open routes are not part of the contract, so not listed.
+        assert!(paths.get("/healthz").is_none() && paths.get("/openapi.json").is_none());
+        assert!(
+            doc.get("security").is_none(),
+            "no document-wide requirement"
         );
     }
 

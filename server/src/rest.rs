@@ -1,23 +1,29 @@
 //! The REST shim: the routes that `google.api.http` declares in the proto,
 //! served in the style of grpc-gateway. Bodies and responses are the
 //! generated proto types with the proto3 JSON mapping (pbjson); every route
-//! calls the same [`JobService`] as gRPC does.
+//! calls the same [`JobService`] as gRPC does. Bodies are bounded by
+//! `max_request_bytes` (413) and every request by `request_timeout` (504)
+//! until its answer starts.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use axum::body::{Body, Bytes};
+use axum::error_handling::HandleErrorLayer;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Extension, Path, Query, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router, middleware};
+use axum::{BoxError, Json, Router, middleware};
 use futures::StreamExt;
 use orchestrator::auth::{Authenticator, Caller};
-use orchestrator::error::{Error, http_status};
+use orchestrator::error::{Error, http_status, retry_after_secs};
 use orchestrator::proto::v1::{ListJobsRequest, SubmitJobRequest, SubmitJobsRequest, job};
 use serde::Serialize;
 use tonic::Code;
+use tower::ServiceBuilder;
+use tower::timeout::TimeoutLayer;
 
 use crate::health::Health;
 use crate::service::JobService;
@@ -31,10 +37,20 @@ pub struct RestState {
     pub health: Health,
 }
 
-/// The router of the REST surface. `max_body_bytes` bounds request bodies.
-/// The job routes are behind `auth` (client or admin); `/healthz` and
+/// The largest request body, for the message of a 413.
+#[derive(Debug, Clone, Copy)]
+struct BodyLimit(usize);
+
+/// The router of the REST surface. `max_body_bytes` bounds request bodies;
+/// a request whose answer has not started after `timeout` gets 504. The
+/// job routes are behind `auth` (client or admin); `/healthz` and
 /// `/openapi.json` are open.
-pub fn router(state: RestState, auth: Authenticator, max_body_bytes: usize) -> Router {
+pub fn router(
+    state: RestState,
+    auth: Authenticator,
+    max_body_bytes: usize,
+    timeout: Duration,
+) -> Router {
     let jobs = Router::new()
         .route("/jobs", get(list_jobs).post(submit_job))
         .route("/jobs:batchSubmit", post(submit_jobs))
@@ -46,29 +62,48 @@ pub fn router(state: RestState, auth: Authenticator, max_body_bytes: usize) -> R
         .route("/openapi.json", get(openapi))
         .fallback(no_route)
         .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(Extension(BodyLimit(max_body_bytes)))
+        .layer(
+            ServiceBuilder::new()
+                .layer(HandleErrorLayer::new(move |_: BoxError| async move {
+                    ApiError::from(crate::limits::timeout_error(timeout))
+                }))
+                .layer(TimeoutLayer::new(timeout)),
+        )
         .with_state(state)
 }
 
 /// An error as grpc-gateway writes it: `{"code", "message", "details"}`
-/// with the HTTP status of the gRPC code.
+/// with the HTTP status of the error (that of its gRPC code, 413 for a body
+/// too large) and, when the server knows when a retry can succeed, a
+/// `Retry-After` header in seconds.
 #[derive(Debug)]
 pub struct ApiError {
     code: Code,
+    http: u16,
     message: String,
+    retry_after: Option<Duration>,
 }
 
 impl ApiError {
     fn new(code: Code, message: impl Into<String>) -> Self {
         ApiError {
             code,
+            http: http_status(code),
             message: message.into(),
+            retry_after: None,
         }
     }
 }
 
 impl From<Error> for ApiError {
     fn from(err: Error) -> Self {
-        ApiError::new(err.code(), err.to_string())
+        ApiError {
+            code: err.code(),
+            http: err.http_status(),
+            message: err.to_string(),
+            retry_after: err.retry_after(),
+        }
     }
 }
 
@@ -89,14 +124,20 @@ enum StreamLine<'a> {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status = StatusCode::from_u16(http_status(self.code))
-            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let status = StatusCode::from_u16(self.http).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let body = ErrorBody {
             code: self.code as i32,
             message: &self.message,
             details: [],
         };
-        (status, Json(body)).into_response()
+        let mut response = (status, Json(body)).into_response();
+        if let Some(delay) = self.retry_after {
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(retry_after_secs(delay)),
+            );
+        }
+        response
     }
 }
 
@@ -108,23 +149,33 @@ fn json<T: Serialize>(value: &T) -> ApiResult {
     Ok(([(header::CONTENT_TYPE, "application/json")], bytes).into_response())
 }
 
-fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+fn body_bytes(body: Result<Bytes, BytesRejection>, limit: BodyLimit) -> Result<Bytes, ApiError> {
     body.map_err(|e| {
-        let message = if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            "request body is too large".to_owned()
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            Error::TooLarge {
+                limit: "max_request_bytes",
+                message: format!(
+                    "the body is more than {} bytes (max_request_bytes)",
+                    limit.0
+                ),
+            }
+            .into()
         } else {
-            format!("cannot read the request body: {e}")
-        };
-        ApiError::new(Code::InvalidArgument, message)
+            ApiError::new(
+                Code::InvalidArgument,
+                format!("cannot read the request body: {e}"),
+            )
+        }
     })
 }
 
 async fn submit_job(
     State(state): State<RestState>,
     Extension(caller): Extension<Caller>,
+    Extension(limit): Extension<BodyLimit>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
-    let body = body_bytes(body)?;
+    let body = body_bytes(body, limit)?;
     let request: SubmitJobRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::new(Code::InvalidArgument, format!("invalid JSON body: {e}")))?;
     json(&state.service.submit(request, &caller).await?)
@@ -133,9 +184,10 @@ async fn submit_job(
 async fn submit_jobs(
     State(state): State<RestState>,
     Extension(caller): Extension<Caller>,
+    Extension(limit): Extension<BodyLimit>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
-    let body = body_bytes(body)?;
+    let body = body_bytes(body, limit)?;
     let request: SubmitJobsRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::new(Code::InvalidArgument, format!("invalid JSON body: {e}")))?;
     json(&state.service.submit_many(request, &caller).await?)

@@ -1,6 +1,7 @@
 //! The job operations, once: submit, get, list, cancel and watch. The gRPC
 //! service and the REST routes are thin adapters over [`JobService`]; this
-//! is where requests are validated and the state machine is enforced.
+//! is where requests are validated, the per-token limits are checked
+//! (`crate::limits`) and the state machine is enforced.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::dispatch::Dispatcher;
+use crate::limits::Quotas;
 
 /// Most jobs in one SubmitJobs call.
 pub const MAX_BATCH: usize = 1000;
@@ -37,22 +39,26 @@ pub struct JobService {
     store: Arc<dyn JobStore>,
     dispatcher: Dispatcher,
     limits: Limits,
+    quotas: Quotas,
     shutdown: CancellationToken,
 }
 
 impl JobService {
-    /// A service over `store` that dispatches through `dispatcher`.
+    /// A service over `store` that dispatches through `dispatcher`,
+    /// checking requests against `limits` and callers against `quotas`.
     /// Watch streams end when `shutdown` is cancelled.
     pub fn new(
         store: Arc<dyn JobStore>,
         dispatcher: Dispatcher,
         limits: Limits,
+        quotas: Quotas,
         shutdown: CancellationToken,
     ) -> Self {
         JobService {
             store,
             dispatcher,
             limits,
+            quotas,
             shutdown,
         }
     }
@@ -60,9 +66,12 @@ impl JobService {
     /// Validates and stores a job, then dispatches it. The job is durable in
     /// the store when this returns; if the publish fails, the dispatcher's
     /// outbox loop publishes it later. The history records `caller`'s name
-    /// ("submitted by NAME") unless it is anonymous.
+    /// ("submitted by NAME") unless it is anonymous. A valid request counts
+    /// against `caller`'s submit rate, even when idempotency returns an
+    /// existing job.
     pub async fn submit(&self, req: SubmitJobRequest, caller: &Caller) -> Result<Job> {
         let mut new = validate::submit(&req, &self.limits)?;
+        self.quotas.check_submit(caller, 1)?;
         new.submitted_by = caller.name.clone();
         new.namespace = caller.namespace_for(&new.namespace)?;
         let id = Uuid::new_v4();
@@ -82,7 +91,8 @@ impl JobService {
     }
 
     /// Validates and stores a batch of jobs in one store round trip, then
-    /// dispatches the new ones. All or nothing on validation.
+    /// dispatches the new ones. All or nothing on validation and on the
+    /// submit rate, where each job counts.
     pub async fn submit_many(
         &self,
         req: SubmitJobsRequest,
@@ -119,6 +129,7 @@ impl JobService {
             })?;
             batch.push((Uuid::new_v4(), new));
         }
+        self.quotas.check_submit(caller, batch.len())?;
         let now = now_ms();
         let claim = now + self.dispatcher.claim_ttl_ms();
         let created = self.store.create_many(&batch, now, claim).await?;
@@ -152,7 +163,7 @@ impl JobService {
     /// Lists one namespace's jobs, newest first: the caller's, or the one
     /// an admin names.
     pub async fn list(&self, req: ListJobsRequest, caller: &Caller) -> Result<ListJobsResponse> {
-        let mut query = validate::list(&req)?;
+        let mut query = validate::list(&req, &self.limits)?;
         query.namespace = caller.namespace_for(&query.namespace)?;
         let page = self.store.list(&query).await?;
         Ok(ListJobsResponse {
@@ -240,13 +251,15 @@ impl JobService {
     }
 
     /// The job's current snapshot, then every change, ending after a
-    /// terminal state.
+    /// terminal state. The stream holds one of `caller`'s watch slots until
+    /// it is dropped.
     pub async fn watch(
         &self,
         job_id: &str,
         caller: &Caller,
     ) -> Result<BoxStream<'static, Result<Job>>> {
         let id = validate::job_id(job_id)?;
+        let slot = self.quotas.watches.acquire(caller)?;
         // Subscribe before the first read so no change falls in between.
         let changes = match tokio::time::timeout(Duration::from_secs(2), self.store.changes(id))
             .await
@@ -265,6 +278,12 @@ impl JobService {
         let store = self.store.clone();
         let stream = watch_stream(store, id, first, changes)
             .take_until(self.shutdown.clone().cancelled_owned())
+            // The stream owns the slot: dropping it (the end, or a client
+            // that went away) frees the slot.
+            .map(move |item| {
+                let _held = &slot;
+                item
+            })
             .boxed();
         Ok(stream)
     }

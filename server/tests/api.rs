@@ -415,7 +415,7 @@ async fn rest_bad_input_is_rejected_and_changes_nothing() {
         orchestrator_testkit::shared_amqp_url(),
     );
     config.redis_prefix = format!("{}:", orchestrator_testkit::unique_name("t"));
-    config.jobs.max_payload_bytes = 1024;
+    config.limits.max_payload_bytes = 1024;
     let server = TestServer::with_config(config).await;
     let queue = fresh_queue();
     let big = "x".repeat(2000);
