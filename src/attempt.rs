@@ -79,20 +79,91 @@ pub fn start(
         )));
     }
     state::check(current, State::Running)?;
-    Ok(Ok(Change {
-        expect: Some(current),
+    Ok(Ok(start_change(
+        current,
+        next,
+        job.max_attempts,
+        job.started_at.is_none(),
+        worker_id,
+        token,
+        lease,
+        now_ms,
+    )))
+}
+
+/// What a dispatch message says about the attempt it is meant to start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dispatched {
+    /// The attempt the message starts (1 for the first).
+    pub attempt: u32,
+    /// The job's max_attempts.
+    pub max_attempts: u32,
+}
+
+/// The change that starts the attempt a dispatch was published for,
+/// without reading the job: a compare-and-set on the state and attempt the
+/// job had when the message was published (CREATED at attempt 0 for the
+/// first attempt, RETRYING at attempt n-1 after that). When the store
+/// refuses it, the job moved on, and [`start`] on the job as it is decides.
+/// `None` when the dispatch does not say enough.
+pub fn start_dispatched(
+    dispatched: Dispatched,
+    worker_id: &str,
+    token: String,
+    lease: Duration,
+    now_ms: i64,
+) -> Option<Change> {
+    let Dispatched {
+        attempt,
+        max_attempts,
+    } = dispatched;
+    if attempt == 0 || attempt > max_attempts {
+        return None;
+    }
+    let from = if attempt == 1 {
+        State::Created
+    } else {
+        State::Retrying
+    };
+    let mut change = start_change(
+        from,
+        attempt,
+        max_attempts,
+        attempt == 1,
+        worker_id,
+        token,
+        lease,
+        now_ms,
+    );
+    change.expect_attempt = Some(attempt - 1);
+    Some(change)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn start_change(
+    from: State,
+    next: u32,
+    max_attempts: u32,
+    first: bool,
+    worker_id: &str,
+    token: String,
+    lease: Duration,
+    now_ms: i64,
+) -> Change {
+    Change {
+        expect: Some(from),
         to: Some(State::Running),
         at_ms: now_ms,
         history: Some(transition(
-            current,
+            from,
             State::Running,
             now_ms,
             next,
-            &format!("attempt {next} of {} started", job.max_attempts),
+            &format!("attempt {next} of {max_attempts} started"),
             worker_id,
         )),
         attempt: Some(next),
-        started: job.started_at.is_none(),
+        started: first,
         next_attempt_ms: Some(None),
         worker_id: Some(Some(worker_id.to_owned())),
         due: Due::Remove,
@@ -101,11 +172,22 @@ pub fn start(
             expires_ms: now_ms + lease.as_millis() as i64,
         },
         ..Change::default()
-    }))
+    }
 }
 
 fn finish(
     job: &Job,
+    to: State,
+    lease_token: Option<&str>,
+    reason: &str,
+    now_ms: i64,
+) -> Result<Change> {
+    finish_attempt(job.attempt, &job.worker_id, to, lease_token, reason, now_ms)
+}
+
+fn finish_attempt(
+    attempt: u32,
+    worker_id: &str,
     to: State,
     lease_token: Option<&str>,
     reason: &str,
@@ -121,9 +203,9 @@ fn finish(
             State::Running,
             to,
             now_ms,
-            job.attempt,
+            attempt,
             reason,
-            &job.worker_id,
+            worker_id,
         )),
         finished: to.is_terminal(),
         lease: LeaseChange::Clear,
@@ -133,13 +215,28 @@ fn finish(
 
 /// The change that records a successful attempt.
 pub fn complete(job: &Job, lease_token: &str, result: Struct, now_ms: i64) -> Result<Change> {
-    let mut change = finish(
-        job,
+    complete_attempt(job.attempt, &job.worker_id, lease_token, result, now_ms)
+}
+
+/// [`complete`] without reading the job: the attempt number and worker id
+/// come from the worker's report and are checked by the store along with
+/// the lease token (`expect_attempt`), so a wrong one changes nothing.
+pub fn complete_attempt(
+    attempt: u32,
+    worker_id: &str,
+    lease_token: &str,
+    result: Struct,
+    now_ms: i64,
+) -> Result<Change> {
+    let mut change = finish_attempt(
+        attempt,
+        worker_id,
         State::Completed,
         Some(lease_token),
         "completed",
         now_ms,
     )?;
+    change.expect_attempt = Some(attempt);
     change.result = Some(result);
     change.error = Some(String::new());
     Ok(change)
@@ -405,5 +502,62 @@ mod tests {
             (c.expect, c.to),
             (Some(State::Running), Some(State::Running))
         );
+    }
+
+    #[test]
+    fn a_dispatched_start_is_the_start_of_the_job_it_was_published_for() {
+        // For every attempt a dispatch can start, the change built from the
+        // message alone equals the one built from the job as it was at
+        // publish time, plus the attempt check that stands in for reading it.
+        let lease = Duration::from_secs(30);
+        for max in 1..=4 {
+            for attempt in 1..=max {
+                let (state, started) = if attempt == 1 {
+                    (State::Created, None)
+                } else {
+                    (State::Retrying, Some(ms_to_timestamp(5)))
+                };
+                let published = Job {
+                    started_at: started,
+                    ..job(state, attempt - 1, max)
+                };
+                let from_job = start(&published, "w9", attempt, "tok".into(), lease, 77)
+                    .unwrap()
+                    .unwrap();
+                let dispatched = Dispatched {
+                    attempt,
+                    max_attempts: max,
+                };
+                let mut blind = start_dispatched(dispatched, "w9", "tok".into(), lease, 77)
+                    .expect("enough to start blind");
+                assert_eq!(blind.expect_attempt, Some(attempt - 1));
+                blind.expect_attempt = None;
+                assert_eq!(
+                    format!("{blind:?}"),
+                    format!("{from_job:?}"),
+                    "{attempt}/{max}"
+                );
+            }
+        }
+        for (attempt, max_attempts) in [(0, 3), (1, 0), (4, 3)] {
+            let d = Dispatched {
+                attempt,
+                max_attempts,
+            };
+            assert!(
+                start_dispatched(d, "w", "t".into(), lease, 0).is_none(),
+                "{d:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_reported_completion_is_the_completion_of_that_attempt() {
+        let running = job(State::Running, 2, 3);
+        let from_job = complete(&running, "tok", Struct::default(), 9).unwrap();
+        let reported = complete_attempt(2, "w1", "tok", Struct::default(), 9).unwrap();
+        assert_eq!(reported.expect_attempt, Some(2));
+        assert_eq!(from_job.expect_attempt, Some(2));
+        assert_eq!(format!("{reported:?}"), format!("{from_job:?}"));
     }
 }

@@ -143,6 +143,11 @@ impl Caller {
         self.role == Role::Admin || self.namespace == namespace
     }
 
+    /// The one namespace the caller is confined to; `None` for an admin.
+    pub fn confined_to(&self) -> Option<&str> {
+        (self.role != Role::Admin).then_some(self.namespace.as_str())
+    }
+
     /// The namespace a request works in: the caller's own when `requested`
     /// is empty; another one only for an admin.
     pub fn namespace_for(&self, requested: &str) -> Result<String, Error> {

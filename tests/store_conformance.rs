@@ -107,6 +107,7 @@ conformance!(
     case_changes_yield_after_an_apply,
     case_unknown_ids_are_absent_and_not_found,
     case_namespaces_keep_jobs_indexes_and_keys_apart,
+    case_attempt_and_namespace_expectations_guard_a_change,
 );
 
 fn new_job(kind: &str, key: &str) -> orchestrator::job::NewJob {
@@ -862,4 +863,61 @@ async fn case_namespaces_keep_jobs_indexes_and_keys_apart(store: Arc<dyn JobStor
         panic!("tenant-b's key is untouched");
     };
     assert_eq!(still_b.id, b.id);
+}
+
+/// The blind start of orchd's fast path: a change that expects the attempt
+/// (and the namespace) instead of reading the job.
+async fn case_attempt_and_namespace_expectations_guard_a_change(store: Arc<dyn JobStore>) {
+    let Created::New(job) = create_in(&*store, "tenant-a", "work", "").await else {
+        panic!("created");
+    };
+    let id: Uuid = job.id.parse().unwrap();
+    let start = |expect_attempt: u32, namespace: Option<&str>| {
+        let mut change = attempt::start_dispatched(
+            attempt::Dispatched {
+                attempt: expect_attempt + 1,
+                max_attempts: 3,
+            },
+            "w",
+            "tok".into(),
+            Duration::from_secs(30),
+            now_ms(),
+        )
+        .unwrap();
+        change.expect_attempt = Some(expect_attempt);
+        change.expect_namespace = namespace.map(str::to_owned);
+        change
+    };
+    // Another namespace: answered as if the job did not exist, unchanged.
+    assert!(matches!(
+        store.apply(id, &start(0, Some("tenant-b"))).await.unwrap(),
+        Applied::NotFound
+    ));
+    // The wrong attempt: a conflict, unchanged.
+    assert!(matches!(
+        store.apply(id, &start(1, Some("tenant-a"))).await.unwrap(),
+        Applied::Conflict {
+            actual: State::Created,
+            lease_mismatch: false
+        }
+    ));
+    let unchanged = store.get(id).await.unwrap().unwrap();
+    assert_eq!((unchanged.attempt, unchanged.history.len()), (0, 1));
+    // The right attempt and namespace: started.
+    let Applied::Done(started) = store.apply(id, &start(0, Some("tenant-a"))).await.unwrap() else {
+        panic!("the blind start applies");
+    };
+    assert_eq!(started.attempt, 1);
+    assert_eq!(
+        started.state,
+        orchestrator::proto::v1::job::State::Running as i32
+    );
+    // A second blind start of the same dispatch (a duplicate) conflicts.
+    assert!(matches!(
+        store.apply(id, &start(0, None)).await.unwrap(),
+        Applied::Conflict {
+            actual: State::Running,
+            ..
+        }
+    ));
 }

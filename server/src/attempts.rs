@@ -110,6 +110,27 @@ impl AttemptService {
         let id = validate::job_id(&req.job_id)?;
         worker_id(&req.worker_id)?;
         let lease = lease_of(req.lease, &self.lease)?;
+        // The common case in one store round trip: the job is still as it
+        // was when the message was published. Anything else is decided on
+        // the job as it is, below.
+        let dispatched = attempt::Dispatched {
+            attempt: req.attempt,
+            max_attempts: req.max_attempts,
+        };
+        let token = Uuid::new_v4().to_string();
+        let now = now_ms();
+        if let Some(mut change) =
+            attempt::start_dispatched(dispatched, &req.worker_id, token.clone(), lease, now)
+        {
+            change.expect_namespace = caller.confined_to().map(str::to_owned);
+            match self.store.apply(id, &change).await? {
+                Applied::Done(job) => {
+                    return Ok(started(id, &req.worker_id, *job, token, now, lease));
+                }
+                Applied::NotFound => return Err(Error::NotFound(id.to_string())),
+                Applied::Conflict { .. } => {}
+            }
+        }
         for _ in 0..MAX_CAS_RETRIES {
             let job = self.read(id, caller).await?;
             let token = Uuid::new_v4().to_string();
@@ -134,14 +155,7 @@ impl AttemptService {
             };
             match self.store.apply(id, &change).await? {
                 Applied::Done(job) => {
-                    tracing::info!(job_id = %id, worker_id = %req.worker_id, attempt = job.attempt, "attempt started");
-                    return Ok(StartAttemptResponse {
-                        decision: Decision::Run as i32,
-                        job: Some(*job),
-                        lease_token: token,
-                        lease_expires_at: Some(ms_to_timestamp(now + lease.as_millis() as i64)),
-                        reason: String::new(),
-                    });
+                    return Ok(started(id, &req.worker_id, *job, token, now, lease));
                 }
                 Applied::NotFound => return Err(Error::NotFound(id.to_string())),
                 Applied::Conflict { .. } => continue,
@@ -201,6 +215,31 @@ impl AttemptService {
                 "one of completed, failed or cancelled is required",
             ));
         };
+        // A completion, the common case, in one store round trip when the
+        // worker says which attempt it ran; the lease token and attempt are
+        // compared in the store. Anything else is decided on the job.
+        if let Outcome::Completed(result) = &outcome
+            && req.attempt > 0
+            && !req.worker_id.is_empty()
+        {
+            worker_id(&req.worker_id)?;
+            let mut change = attempt::complete_attempt(
+                req.attempt,
+                &req.worker_id,
+                &req.lease_token,
+                result.clone(),
+                now_ms(),
+            )?;
+            change.expect_namespace = caller.confined_to().map(str::to_owned);
+            match self.store.apply(id, &change).await? {
+                Applied::Done(job) => {
+                    tracing::info!(job_id = %id, attempt = job.attempt, state = ?change.to, "attempt finished");
+                    return Ok(*job);
+                }
+                Applied::NotFound => return Err(Error::NotFound(id.to_string())),
+                Applied::Conflict { .. } => {}
+            }
+        }
         for _ in 0..MAX_CAS_RETRIES {
             let job = self.read(id, caller).await?;
             let current =
@@ -272,6 +311,25 @@ impl AttemptService {
             }
         }
         Ok(recovered)
+    }
+}
+
+/// The RUN answer for a started attempt.
+fn started(
+    id: Uuid,
+    worker_id: &str,
+    job: Job,
+    token: String,
+    now: i64,
+    lease: Duration,
+) -> StartAttemptResponse {
+    tracing::info!(job_id = %id, worker_id = %worker_id, attempt = job.attempt, "attempt started");
+    StartAttemptResponse {
+        decision: Decision::Run as i32,
+        job: Some(job),
+        lease_token: token,
+        lease_expires_at: Some(ms_to_timestamp(now + lease.as_millis() as i64)),
+        reason: String::new(),
     }
 }
 

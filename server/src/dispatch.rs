@@ -74,6 +74,7 @@ impl Dispatcher {
             kind: job.kind.clone(),
             queue: job.queue.clone(),
             namespace: orchestrator::validate::job_namespace(job).to_owned(),
+            max_attempts: job.max_attempts,
             attempt: job.attempt,
             claim,
         };
@@ -91,6 +92,7 @@ impl Dispatcher {
             attempt: due.attempt + 1,
             published_at: Some(ms_to_timestamp(now_ms())),
             namespace: due.namespace.clone(),
+            max_attempts: due.max_attempts,
         };
         if let Err(e) = self.queue.publish(&message).await {
             tracing::warn!(job_id = %due.id, error = %e, "publish failed; the outbox will retry");

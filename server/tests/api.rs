@@ -71,6 +71,8 @@ async fn complete(server: &TestServer, id: &str) -> Job {
             job_id: id.into(),
             lease_token: started.lease_token,
             outcome: Some(Outcome::Completed(Default::default())),
+            attempt: started.job.map_or(0, |j| j.attempt),
+            worker_id: "test-worker".into(),
         })
         .await
         .unwrap()
@@ -625,6 +627,7 @@ async fn watch_streams_the_snapshot_then_changes_until_terminal() {
             job_id: job.id.clone(),
             lease_token: started.lease_token,
             outcome: Some(Outcome::Completed(Default::default())),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -866,5 +869,75 @@ async fn batch_submit_creates_each_job_with_its_own_id_and_idempotency() {
     let ids: std::collections::HashSet<_> = ok.jobs.iter().map(|j| j.id.clone()).collect();
     assert_eq!(ids.len(), 200);
     assert_eq!(jobs_on(&server, &other).await, 200);
+    server.stop().await;
+}
+
+/// Sends: StartAttempt with the dispatch's attempt and max_attempts (the
+/// one-round-trip path), a duplicate of it, then completions naming the
+/// attempt with a wrong lease token and with a later attempt number.
+/// Asserts: one RUN, the duplicate DROPped, the wrong token refused with
+/// FAILED_PRECONDITION and the job unchanged; the right token completes.
+#[tokio::test]
+async fn one_round_trip_starts_and_completions_stay_fenced() {
+    let server = TestServer::start().await;
+    let queue = fresh_queue();
+    let mut jobs = server.jobs().await;
+    let job = jobs
+        .submit_job(spec("echo", &queue))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut workers = server.workers().await;
+    let start = StartAttemptRequest {
+        job_id: job.id.clone(),
+        worker_id: "w-fast".into(),
+        attempt: 1,
+        max_attempts: job.max_attempts,
+        ..Default::default()
+    };
+    let started = workers
+        .start_attempt(start.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(started.decision, Decision::Run as i32);
+    assert_eq!(started.job.as_ref().map(|j| j.attempt), Some(1));
+    let again = workers.start_attempt(start).await.unwrap().into_inner();
+    assert_eq!(again.decision, Decision::Drop as i32, "{again:?}");
+
+    let get = GetJobRequest {
+        job_id: job.id.clone(),
+    };
+    let before = jobs.get_job(get.clone()).await.unwrap().into_inner();
+    let stale = workers
+        .finish_attempt(FinishAttemptRequest {
+            job_id: job.id.clone(),
+            lease_token: "not-the-lease".into(),
+            outcome: Some(Outcome::Completed(Default::default())),
+            attempt: 1,
+            worker_id: "w-fast".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(stale.code(), Code::FailedPrecondition, "{stale:?}");
+    assert_eq!(
+        jobs.get_job(get.clone()).await.unwrap().into_inner(),
+        before
+    );
+
+    let done = workers
+        .finish_attempt(FinishAttemptRequest {
+            job_id: job.id.clone(),
+            lease_token: started.lease_token,
+            outcome: Some(Outcome::Completed(Default::default())),
+            attempt: 1,
+            worker_id: "w-fast".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(done.state, job::State::Completed as i32);
+    let last = done.history.last().unwrap();
+    assert_eq!((last.attempt, last.worker_id.as_str()), (1, "w-fast"));
     server.stop().await;
 }

@@ -369,25 +369,37 @@ async fn workers_only_receive_and_run_their_tenants_jobs() {
     let bobs = submit_as(&server, BOB, spec("noop", &queue)).await;
     wait_for(&server, BOB, &bobs.id, job::State::Completed).await;
 
-    // The tenant-b worker token cannot start or finish alice's job.
-    let start = wb
-        .start_attempt(StartAttemptRequest {
-            job_id: alices.id.clone(),
-            worker_id: "intruder".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(start.code(), Code::NotFound, "{start:?}");
-    let finish = wb
-        .finish_attempt(FinishAttemptRequest {
-            job_id: alices.id.clone(),
-            lease_token: "guessed".into(),
-            outcome: Some(Outcome::Completed(Default::default())),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(finish.code(), Code::NotFound, "{finish:?}");
+    // The tenant-b worker token cannot start or finish alice's job, on the
+    // read-first path (attempt 0) nor on the one-round-trip path that
+    // compares in the store (attempt and max_attempts given).
+    for (attempt, max_attempts) in [(0, 0), (1, 3)] {
+        let start = wb
+            .start_attempt(StartAttemptRequest {
+                job_id: alices.id.clone(),
+                worker_id: "intruder".into(),
+                attempt,
+                max_attempts,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(start.code(), Code::NotFound, "{start:?}");
+        let finish = wb
+            .finish_attempt(FinishAttemptRequest {
+                job_id: alices.id.clone(),
+                lease_token: "guessed".into(),
+                outcome: Some(Outcome::Completed(Default::default())),
+                attempt,
+                worker_id: if attempt == 0 {
+                    String::new()
+                } else {
+                    "intruder".into()
+                },
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(finish.code(), Code::NotFound, "{finish:?}");
+    }
 
     // Bob's job went through the same queue name; alice's was never offered.
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -50,6 +50,7 @@ mod tests {
             attempt: 1,
             published_at: None,
             namespace: "team-a".into(),
+            max_attempts: 3,
         };
         assert_eq!(decode(&encode(&msg)), Ok((msg, id)));
     }

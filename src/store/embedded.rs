@@ -494,6 +494,11 @@ impl<'t> Tables<'t> {
         let Some(mut record) = load(&self.jobs, raw)? else {
             return Ok((Applied::NotFound, false));
         };
+        if let Some(ns) = &change.expect_namespace
+            && job_namespace(record.job()?) != ns
+        {
+            return Ok((Applied::NotFound, false));
+        }
         let state = state_of(record.job()?)?;
         let conflict = |lease_mismatch| {
             Ok((
@@ -505,6 +510,10 @@ impl<'t> Tables<'t> {
             ))
         };
         if change.expect.is_some_and(|s| s != state) {
+            return conflict(false);
+        }
+        let attempt = record.job()?.attempt;
+        if change.expect_attempt.is_some_and(|a| a != attempt) {
             return conflict(false);
         }
         // An empty expected token means "any", as in the Redis store, whose
@@ -614,6 +623,7 @@ impl<'t> Tables<'t> {
                         kind: job.kind.clone(),
                         queue: job.queue.clone(),
                         namespace: job_namespace(job).to_owned(),
+                        max_attempts: job.max_attempts,
                         attempt: job.attempt,
                         claim: claim_until_ms,
                     });

@@ -63,6 +63,12 @@ pub struct Change {
     pub expect: Option<State>,
     /// The lease token the job must hold (worker reports).
     pub expect_lease: Option<String>,
+    /// The attempt number the job must be at (a compare-and-set without
+    /// reading the job first).
+    pub expect_attempt: Option<u32>,
+    /// The namespace the job must belong to; otherwise the store answers
+    /// [`Applied::NotFound`], as for another tenant's job.
+    pub expect_namespace: Option<String>,
     /// Only apply when the lease expired at or before this time (epoch ms):
     /// the sweeper's guard against a heartbeat that just renewed it.
     pub expect_lease_expired_by: Option<i64>,
@@ -134,6 +140,8 @@ pub struct DueJob {
     pub queue: String,
     /// The job's namespace.
     pub namespace: String,
+    /// The job's max_attempts.
+    pub max_attempts: u32,
     /// Attempt the message will start.
     pub attempt: u32,
     /// The claim; pass it back to [`JobStore::ack_due`].

@@ -109,10 +109,13 @@ const APPLY_LUA: &str = r#"
 -- ARGV[6] history entry ('' none)      ARGV[7] due: '' keep, '-' remove, else score
 -- ARGV[8] lease: '' keep, '-' clear, else expiry score
 -- ARGV[9] retention score ('' none)    ARGV[10] event channel ('' none)
--- ARGV[11] n; then n field/value pairs to set; then fields to delete
+-- ARGV[11] expected attempt ('' any)  ARGV[12] expected namespace ('' any)
+-- ARGV[13] n; then n field/value pairs to set; then fields to delete
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return {-1} end
+if ARGV[12] ~= '' and (redis.call('HGET', KEYS[1], 'ns') or 'default') ~= ARGV[12] then return {-1} end
 if ARGV[1] ~= '' and state ~= ARGV[1] then return {0, state, 0} end
+if ARGV[11] ~= '' and (redis.call('HGET', KEYS[1], 'attempt') or '0') ~= ARGV[11] then return {0, state, 0} end
 if ARGV[2] ~= '' and redis.call('HGET', KEYS[1], 'lease') ~= ARGV[2] then return {0, state, 1} end
 if ARGV[3] ~= '' then
   local exp = tonumber(redis.call('HGET', KEYS[1], 'lease_exp') or '0')
@@ -132,9 +135,9 @@ elseif ARGV[7] ~= '' then redis.call('ZADD', KEYS[3], ARGV[7], id) end
 if ARGV[8] == '-' then redis.call('ZREM', KEYS[4], id)
 elseif ARGV[8] ~= '' then redis.call('ZADD', KEYS[4], ARGV[8], id) end
 if ARGV[9] ~= '' then redis.call('ZADD', KEYS[5], ARGV[9], id) end
-local n = tonumber(ARGV[11])
-for i = 0, n - 1 do redis.call('HSET', KEYS[1], ARGV[12 + 2 * i], ARGV[13 + 2 * i]) end
-for i = 12 + 2 * n, #ARGV do redis.call('HDEL', KEYS[1], ARGV[i]) end
+local n = tonumber(ARGV[13])
+for i = 0, n - 1 do redis.call('HSET', KEYS[1], ARGV[14 + 2 * i], ARGV[15 + 2 * i]) end
+for i = 14 + 2 * n, #ARGV do redis.call('HDEL', KEYS[1], ARGV[i]) end
 if ARGV[10] ~= '' then redis.call('PUBLISH', ARGV[10], ARGV[4]) end
 return {1, redis.call('HGETALL', KEYS[1]), redis.call('LRANGE', KEYS[2], 0, -1)}
 "#;
@@ -144,10 +147,10 @@ const CLAIM_DUE_LUA: &str = r#"
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])
 local out = {}
 for _, id in ipairs(ids) do
-  local f = redis.call('HMGET', ARGV[4] .. id, 'state', 'kind', 'queue', 'attempt', 'ns')
+  local f = redis.call('HMGET', ARGV[4] .. id, 'state', 'kind', 'queue', 'attempt', 'ns', 'max')
   if f[1] == 'CREATED' or f[1] == 'RETRYING' then
     redis.call('ZADD', KEYS[1], ARGV[2], id)
-    out[#out + 1] = {id, f[2], f[3], f[4] or '0', f[5] or 'default'}
+    out[#out + 1] = {id, f[2], f[3], f[4] or '0', f[5] or 'default', f[6] or '0'}
   else
     redis.call('ZREM', KEYS[1], id)
   end
@@ -311,6 +314,8 @@ impl RedisStore {
             text(&new.idempotency_key),
             text("ns"),
             text(ns),
+            text("max"),
+            text(&new.max_attempts.to_string()),
         ];
         PreparedCreate {
             keys,
@@ -702,6 +707,13 @@ impl JobStore for RedisStore {
             } else {
                 self.key(&["ev:", &id_str])
             })
+            .arg(
+                change
+                    .expect_attempt
+                    .map(|a| a.to_string())
+                    .unwrap_or_default(),
+            )
+            .arg(change.expect_namespace.as_deref().unwrap_or(""))
             .arg(set.len());
         for (name, value) in &set {
             invocation.arg(*name).arg(value.as_slice());
@@ -721,7 +733,7 @@ impl JobStore for RedisStore {
         limit: usize,
     ) -> Result<Vec<DueJob>> {
         let mut conn = self.conn.clone();
-        let rows: Vec<(String, String, String, String, String)> = self
+        let rows: Vec<(String, String, String, String, String, String)> = self
             .scripts
             .claim_due
             .key(self.key(&["due"]))
@@ -733,12 +745,15 @@ impl JobStore for RedisStore {
             .await?;
         Ok(rows
             .into_iter()
-            .filter_map(|(id, kind, queue, attempt, namespace)| {
+            .filter_map(|(id, kind, queue, attempt, namespace, max)| {
                 Some(DueJob {
                     id: Uuid::try_parse(&id).ok()?,
                     kind,
                     queue,
                     namespace,
+                    // 0 (unknown, a job stored before the field existed)
+                    // makes workers take the read-first path.
+                    max_attempts: max.parse().unwrap_or(0),
                     attempt: attempt.parse().unwrap_or(0),
                     claim: claim_until_ms,
                 })

@@ -111,6 +111,7 @@ pub(crate) async fn start(shared: &Shared, message: &DispatchMessage) -> StartOu
         worker_id: shared.worker_id.clone(),
         lease: Some(duration_to_proto(shared.lease)),
         attempt: message.attempt,
+        max_attempts: message.max_attempts,
     };
     let result = shared
         .client
@@ -272,9 +273,10 @@ pub(crate) async fn run(shared: Arc<Shared>, started: Started) {
     let control = Arc::new(AttemptControl::default());
     shared.leases.insert(&job_id, &lease_token, control.clone());
     tracing::info!(job_id = %job_id, kind = %job.kind, attempt = job.attempt, "attempt started");
+    let attempt = job.attempt;
     let report = execute(&shared, job, &control).await;
     if let Some(report) = report {
-        finish(&shared, &job_id, &lease_token, report, &control).await;
+        finish(&shared, &job_id, attempt, &lease_token, report, &control).await;
     } else {
         tracing::info!(job_id = %job_id, "attempt abandoned: lease lost, nothing reported");
     }
@@ -354,6 +356,7 @@ fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
 async fn finish(
     shared: &Shared,
     job_id: &str,
+    attempt: u32,
     lease_token: &str,
     report: Report,
     control: &AttemptControl,
@@ -363,6 +366,8 @@ async fn finish(
         job_id: job_id.to_owned(),
         lease_token: lease_token.to_owned(),
         outcome: Some(report.into_outcome()),
+        attempt,
+        worker_id: shared.worker_id.clone(),
     };
     let deadline = Instant::now() + shared.lease;
     let mut tries = 0u32;

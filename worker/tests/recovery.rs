@@ -260,6 +260,7 @@ async fn two_workers_racing_on_a_duplicated_message_run_one_attempt() {
         attempt: 1,
         published_at: Some(ms_to_timestamp(now_ms())),
         namespace: job.namespace.clone(),
+        max_attempts: job.max_attempts,
     };
     publish_dispatch(&orchd.amqp_url, &duplicate).await;
     publish_dispatch(&orchd.amqp_url, &duplicate).await;

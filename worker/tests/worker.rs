@@ -361,6 +361,7 @@ async fn poison_messages_are_dead_lettered_and_the_worker_goes_on() {
         attempt: 1,
         published_at: None,
         namespace: "default".into(),
+        max_attempts: 3,
     };
     publish_raw(&channel, &queue, &message::encode(&unknown), &unknown_id).await;
 
