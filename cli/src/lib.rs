@@ -29,6 +29,11 @@ pub async fn run_to(cli: Cli, out: &mut impl Write) -> Result<(), CliError> {
     let global = commands::Global {
         server: cli.server,
         token: cli.token,
+        tls: orchestrator::tls::ClientTls {
+            ca_cert: cli.ca_cert,
+            client_cert: cli.client_cert,
+            client_key: cli.client_key,
+        },
         output: cli.output,
     };
     match &cli.command {

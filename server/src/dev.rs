@@ -22,7 +22,7 @@ use orchestrator::validate::ListQuery;
 use orchestrator_worker::{Registry, Source, WorkerConfig};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{AuthConfig, JobSettings};
+use crate::config::{AuthConfig, ConnectionSettings, JobSettings};
 use crate::{Backend, Running, ServeConfig, ServerError};
 
 /// Settings of `orchd dev`.
@@ -51,6 +51,8 @@ pub struct DevConfig {
     pub jobs: JobSettings,
     #[command(flatten)]
     pub auth: AuthConfig,
+    #[command(flatten)]
+    pub connections: ConnectionSettings,
 }
 
 impl DevConfig {
@@ -65,6 +67,7 @@ impl DevConfig {
             enable_exec: false,
             jobs: JobSettings::default(),
             auth: AuthConfig::default(),
+            connections: ConnectionSettings::default(),
         }
     }
 
@@ -74,6 +77,7 @@ impl DevConfig {
         config.http_addr = self.http_addr;
         config.jobs = self.jobs.clone();
         config.auth = self.auth.clone();
+        config.connections = self.connections.clone();
         config
     }
 }
@@ -163,6 +167,9 @@ pub async fn start(config: DevConfig) -> Result<DevRunning, ServerError> {
     let mut workers = Vec::new();
     for _ in 0..config.workers {
         let mut worker = WorkerConfig::local(format!("http://{loopback}"), "");
+        // In memory: the gRPC port may require TLS and client certificates
+        // that in-process workers have no business holding.
+        worker.channel = Some(server.local_channel());
         worker.queues = Vec::new();
         worker.concurrency = 1;
         worker.enable_exec = config.enable_exec;

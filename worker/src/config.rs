@@ -2,6 +2,7 @@
 //! fallback, durations are humantime such as `30s` or `250ms`), their
 //! validation, and the process's worker id.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
@@ -28,6 +29,25 @@ pub struct WorkerConfig {
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
     )]
     pub amqp_url: String,
+
+    /// PEM CA certificate(s) to trust for an amqps:// --amqp-url, besides
+    /// the system's roots (a private CA).
+    #[arg(long, env = "AMQP_CA_CERT")]
+    pub amqp_ca_cert: Option<PathBuf>,
+
+    /// PEM CA certificate(s) to trust for an https:// --server, instead of
+    /// the system's roots.
+    #[arg(long, env = "ORCH_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
+
+    /// PEM client certificate presented to orchd (for an orchd started with
+    /// --client-ca). Needs --client-key.
+    #[arg(long, env = "ORCH_CLIENT_CERT", requires = "client_key")]
+    pub client_cert: Option<PathBuf>,
+
+    /// PEM private key of --client-cert.
+    #[arg(long, env = "ORCH_CLIENT_KEY", requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
 
     /// Bearer token sent to orchd as `authorization: Bearer <token>`.
     #[arg(long, env = "ORCH_TOKEN", hide_env_values = true)]
@@ -91,6 +111,11 @@ pub struct WorkerConfig {
     /// Log format on stderr; the level comes from RUST_LOG (default info).
     #[arg(long, env = "ORCH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// A ready channel to orchd, used instead of dialling --server (`orchd
+    /// dev`'s in-process workers get one whose connections stay in memory).
+    #[arg(skip)]
+    pub channel: Option<tonic::transport::Channel>,
 }
 
 /// How logs are written.
@@ -162,15 +187,29 @@ impl WorkerConfig {
                 "--worker-id must be 1..={MAX_PREFIX_LEN} printable characters"
             ));
         }
-        // This build has no TLS client (no tonic TLS feature): refuse
-        // https:// up front rather than fail every call later.
-        if !self.server.starts_with("http://") {
-            return bad(format!(
-                "--server must be an http:// URL (TLS is not supported by this build), got {:?}",
-                self.server
-            ));
+        if self.channel.is_none() {
+            if !self.server.starts_with("http://") && !self.server.starts_with("https://") {
+                return bad(format!(
+                    "--server must be an http:// or https:// URL, got {:?}",
+                    self.server
+                ));
+            }
+            // Read the certificate files now: a typo should stop the worker
+            // at start, not fail every call later.
+            self.client_tls()
+                .check(&self.server)
+                .map_err(|e| WorkerError::Config(e.to_string()))?;
         }
         Ok(())
+    }
+
+    /// The TLS settings for --server.
+    pub fn client_tls(&self) -> orchestrator::tls::ClientTls {
+        orchestrator::tls::ClientTls {
+            ca_cert: self.ca_cert.clone(),
+            client_cert: self.client_cert.clone(),
+            client_key: self.client_key.clone(),
+        }
     }
 
     /// A fresh worker id for this process: `<prefix>-<pid>-<8 random hex>`,
@@ -219,6 +258,10 @@ mod tests {
     const VARIABLES: &[&str] = &[
         "ORCH_SERVER",
         "AMQP_URL",
+        "AMQP_CA_CERT",
+        "ORCH_CA_CERT",
+        "ORCH_CLIENT_CERT",
+        "ORCH_CLIENT_KEY",
         "ORCH_TOKEN",
         "ORCH_QUEUES",
         "ORCH_CONCURRENCY",
@@ -345,7 +388,25 @@ mod tests {
         c = parse(&["--server", "127.0.0.1:50051"]).unwrap();
         assert!(c.validate().unwrap_err().to_string().contains("--server"));
         c = parse(&["--server", "https://orchd:50051"]).unwrap();
-        assert!(c.validate().unwrap_err().to_string().contains("TLS"));
+        c.validate().unwrap();
+        c = parse(&["--server", "http://orchd:50051", "--ca-cert", "/ca.pem"]).unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("https://"));
+        c = parse(&[
+            "--server",
+            "https://orchd:50051",
+            "--ca-cert",
+            "/nonexistent/ca.pem",
+        ])
+        .unwrap();
+        let text = c.validate().unwrap_err().to_string();
+        assert!(
+            text.contains("--ca-cert") && text.contains("/nonexistent/ca.pem"),
+            "{text}"
+        );
+        assert!(
+            parse(&["--client-cert", "/c.pem"]).is_err(),
+            "--client-key is required"
+        );
     }
 
     #[test]
