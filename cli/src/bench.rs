@@ -729,6 +729,9 @@ impl Rest {
         let base = base.trim().trim_end_matches('/').to_owned();
         let parsed = reqwest::Url::parse(&base)
             .map_err(|e| CliError::Usage(format!("invalid --rest URL {base:?}: {e}")))?;
+        // reqwest builds its rustls config, even for http://, from the
+        // process-wide crypto provider.
+        orchestrator::tls::install_crypto_provider();
         let mut builder = reqwest::Client::builder();
         match parsed.scheme() {
             "http" => {}

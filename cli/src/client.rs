@@ -161,7 +161,7 @@ pub async fn call<T>(
 ) -> Result<T, CliError> {
     match tokio::time::timeout(CALL_TIMEOUT, fut).await {
         Ok(Ok(response)) => Ok(response.into_inner()),
-        Ok(Err(status)) => Err(CliError::Rpc(status)),
+        Ok(Err(status)) => Err(CliError::from(status)),
         Err(_) => Err(CliError::Rpc(tonic::Status::deadline_exceeded(format!(
             "orchd did not answer within {}s",
             CALL_TIMEOUT.as_secs()

@@ -224,7 +224,9 @@ async fn handshake(tcp: TcpStream, tls: Option<TlsAcceptor>) -> io::Result<Conn>
     match tls {
         Some(acceptor) => Ok(Conn::Tls(Box::new(acceptor.accept(tcp).await?))),
         None => {
-            tcp.readable().await?;
+            // Waits for a first byte (or the end of the stream) without
+            // taking it; `readable()` alone may return at once.
+            tcp.peek(&mut [0u8; 1]).await?;
             Ok(Conn::Plain(tcp))
         }
     }
@@ -493,5 +495,49 @@ impl http_body::Body for Tracked {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+
+    use super::*;
+
+    /// Injects: a plain client that sends nothing, and one that sends a
+    /// byte. Asserts: the first is closed after the handshake timeout
+    /// without reaching the server; the second reaches it.
+    #[tokio::test]
+    async fn silent_plain_connections_are_closed_after_the_handshake_timeout() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let (_tx, mut ready) = accept(
+            listener,
+            None,
+            Duration::from_millis(300),
+            "test",
+            stop.clone(),
+        );
+        let silent = tokio::task::spawn_blocking(move || {
+            let mut stream = std::net::TcpStream::connect(addr).unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            stream.read(&mut [0u8; 16])
+        });
+        let closed = silent.await.unwrap();
+        assert!(matches!(closed, Ok(0)), "{closed:?}");
+        let talker = tokio::task::spawn_blocking(move || {
+            let mut stream = std::net::TcpStream::connect(addr).unwrap();
+            stream.write_all(b"x").unwrap();
+            stream
+        });
+        let _stream = talker.await.unwrap();
+        let conn = tokio::time::timeout(Duration::from_secs(10), ready.recv())
+            .await
+            .unwrap();
+        assert!(matches!(conn, Some(Conn::Plain(_))));
+        stop.cancel();
     }
 }
