@@ -106,6 +106,9 @@ pub enum CliError {
     Json(#[from] serde_json::Error),
 }
 
+/// How the message of a connection that failed during a call starts.
+pub const CONNECTION_FAILED: &str = "connection to orchd failed";
+
 impl From<tonic::Status> for CliError {
     /// A status made on this side from a failed connection (tonic reports
     /// those as UNKNOWN "transport error", with the cause as its source)
@@ -121,7 +124,7 @@ impl From<tonic::Status> for CliError {
             Some(why) => format!("TLS handshake failed: {why}"),
             None => {
                 let cause = std::error::Error::source(&status).expect("checked above");
-                format!("connection to orchd failed: {}", error_chain(cause))
+                format!("{CONNECTION_FAILED}: {}", error_chain(cause))
             }
         };
         CliError::Rpc(tonic::Status::unavailable(reason))

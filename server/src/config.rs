@@ -286,6 +286,65 @@ mod tests {
     }
 
     #[test]
+    fn tls_and_connection_flags() {
+        let cli = Cli::try_parse_from(["orchd", "serve"]).unwrap();
+        let Command::Serve(cfg) = cli.command else {
+            panic!("serve")
+        };
+        assert!(cfg.connections.tls_cert.is_none() && cfg.connections.client_ca.is_none());
+        assert_eq!(cfg.connections.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(cfg.connections.http_header_timeout, Duration::from_secs(15));
+        assert_eq!(cfg.connections.http_idle_timeout, Duration::from_secs(60));
+        assert!(cfg.redis_ca_cert.is_none() && cfg.amqp_ca_cert.is_none());
+        let cli = Cli::try_parse_from([
+            "orchd",
+            "dev",
+            "--tls-cert",
+            "/tls/server.pem",
+            "--tls-key",
+            "/tls/server-key.pem",
+            "--client-ca",
+            "/tls/ca.pem",
+            "--http-idle-timeout",
+            "2m",
+        ])
+        .unwrap();
+        let Command::Dev(cfg) = cli.command else {
+            panic!("dev")
+        };
+        assert_eq!(
+            cfg.connections.client_ca,
+            Some(PathBuf::from("/tls/ca.pem"))
+        );
+        assert_eq!(cfg.connections.http_idle_timeout, Duration::from_secs(120));
+        // One half of the pair, or a client CA without TLS, is refused by
+        // name.
+        for args in [
+            &["orchd", "serve", "--tls-cert", "/c.pem"][..],
+            &["orchd", "serve", "--tls-key", "/k.pem"],
+            &["orchd", "serve", "--client-ca", "/ca.pem"],
+        ] {
+            let err = Cli::try_parse_from(args).unwrap_err().to_string();
+            assert!(err.contains("--tls-"), "{err}");
+        }
+        assert!(Cli::try_parse_from(["orchd", "serve", "--handshake-timeout", "soon"]).is_err());
+        let cli = Cli::try_parse_from([
+            "orchd",
+            "serve",
+            "--redis-ca-cert",
+            "/r.pem",
+            "--amqp-ca-cert",
+            "/a.pem",
+        ])
+        .unwrap();
+        let Command::Serve(cfg) = cli.command else {
+            panic!("serve")
+        };
+        assert_eq!(cfg.redis_ca_cert, Some(PathBuf::from("/r.pem")));
+        assert_eq!(cfg.amqp_ca_cert, Some(PathBuf::from("/a.pem")));
+    }
+
+    #[test]
     fn durations_are_humantime() {
         let cli = Cli::try_parse_from(["orchd", "serve", "--retention", "2h"]).unwrap();
         let Command::Serve(cfg) = cli.command else {

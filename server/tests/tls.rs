@@ -493,6 +493,50 @@ async fn rediss_and_amqps_with_a_private_ca() {
     server.stop().await;
 }
 
+/// `orchd dev` with TLS and client certificates: its in-process workers
+/// hold no certificate, yet run jobs (they reach the server in memory),
+/// while outside clients still need theirs.
+#[tokio::test]
+async fn orchd_dev_with_mtls_runs_jobs_on_its_in_process_workers() {
+    let certs = TestCerts::generate();
+    let mut config = orchestrator_server::dev::DevConfig::local_ephemeral(1);
+    config.connections.tls_cert = Some(certs.server_cert.clone());
+    config.connections.tls_key = Some(certs.server_key.clone());
+    config.connections.client_ca = Some(certs.ca_cert.clone());
+    let dev = orchestrator_server::dev::start(config)
+        .await
+        .expect("orchd dev starts");
+    assert!(dev.server.tls);
+    let grpc = format!("https://127.0.0.1:{}", dev.server.grpc_addr.port());
+    let ca = path(&certs.ca_cert);
+    let with_cert = [
+        "--server",
+        grpc.as_str(),
+        "--ca-cert",
+        ca,
+        "--client-cert",
+        path(&certs.client_cert),
+        "--client-key",
+        path(&certs.client_key),
+    ];
+    let mut submit = with_cert.to_vec();
+    submit.extend(["submit", "echo", "--wait"]);
+    let out = tokio::time::timeout(T, orchctl(&submit))
+        .await
+        .expect("the job finishes")
+        .expect("the job COMPLETED");
+    assert!(out.contains("COMPLETED"), "{out}");
+    let err = orchctl(&["--server", &grpc, "--ca-cert", ca, "list"])
+        .await
+        .unwrap_err();
+    assert_eq!(err.exit_code(), 5, "{err}");
+    let stop = CancellationToken::new();
+    stop.cancel();
+    tokio::time::timeout(T, dev.wait(stop))
+        .await
+        .expect("orchd dev stops");
+}
+
 #[tokio::test]
 async fn bad_tls_settings_stop_orchd_naming_the_flag() {
     let certs = TestCerts::generate();

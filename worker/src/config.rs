@@ -326,6 +326,7 @@ mod tests {
         assert_eq!(c.drain_timeout, Duration::from_secs(30));
         assert!(!c.enable_exec);
         assert_eq!(c.token, None);
+        assert!(c.ca_cert.is_none() && c.client_cert.is_none() && c.amqp_ca_cert.is_none());
         assert_eq!(c.log_format, LogFormat::Text);
         assert_eq!(c.tick_interval(), Duration::from_millis(250));
         c.validate().unwrap();
@@ -420,6 +421,10 @@ mod tests {
                 ("ORCH_CONCURRENCY", "3"),
                 ("ORCH_ENABLE_EXEC", "true"),
                 ("ORCH_TOKEN", "tok"),
+                ("ORCH_CA_CERT", "/tls/ca.pem"),
+                ("ORCH_CLIENT_CERT", "/tls/worker.pem"),
+                ("ORCH_CLIENT_KEY", "/tls/worker-key.pem"),
+                ("AMQP_CA_CERT", "/tls/rabbit-ca.pem"),
                 ("ORCH_LEASE", "45s"),
                 ("ORCH_HEARTBEAT_INTERVAL", "5s"),
                 ("ORCH_DRAIN_TIMEOUT", "1m"),
@@ -440,6 +445,10 @@ mod tests {
         assert_eq!(c.concurrency, 3);
         assert!(c.enable_exec);
         assert_eq!(c.token.as_deref(), Some("tok"));
+        assert_eq!(c.ca_cert, Some(PathBuf::from("/tls/ca.pem")));
+        assert_eq!(c.client_cert, Some(PathBuf::from("/tls/worker.pem")));
+        assert_eq!(c.client_key, Some(PathBuf::from("/tls/worker-key.pem")));
+        assert_eq!(c.amqp_ca_cert, Some(PathBuf::from("/tls/rabbit-ca.pem")));
         assert_eq!(c.lease, Duration::from_secs(45));
         assert_eq!(c.heartbeat_interval, Duration::from_secs(5));
         assert_eq!(c.drain_timeout, Duration::from_secs(60));
