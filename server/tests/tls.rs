@@ -488,7 +488,9 @@ async fn rediss_and_amqps_with_a_private_ca() {
 
     // The same broker without the CA: the certificate is not trusted.
     let refused = orchestrator::queue::amqp::connect(&rabbit.tls_url(), "test-no-ca").await;
-    let err = refused.err().expect("an untrusted certificate is refused");
+    let Err(err) = refused else {
+        panic!("an untrusted certificate is refused")
+    };
     assert!(err.to_string().contains("rabbitmq unavailable"), "{err}");
     server.stop().await;
 }
