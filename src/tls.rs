@@ -252,6 +252,13 @@ pub fn handshake_failure(err: &(dyn std::error::Error + 'static)) -> Option<Stri
         if let Some(tls) = e.downcast_ref::<rustls::Error>() {
             return Some(tls.to_string());
         }
+        // HTTP/2 keeps only the text of an I/O error, so an alert the
+        // server sent after the handshake (TLS 1.3 refuses a client
+        // certificate then) is recognised by rustls's wording.
+        let text = e.to_string();
+        if let Some(at) = text.find(ALERT_TEXT) {
+            return Some(text[at..].to_owned());
+        }
         if let Some(io) = e.downcast_ref::<std::io::Error>()
             && let Some(inner) = io.get_ref()
         {
@@ -266,6 +273,9 @@ pub fn handshake_failure(err: &(dyn std::error::Error + 'static)) -> Option<Stri
     }
     None
 }
+
+/// How rustls words an alert from the peer.
+const ALERT_TEXT: &str = "received fatal alert: ";
 
 /// A Redis client for `url`; with `ca_cert` (the `--redis-ca-cert` file),
 /// a `rediss://` URL trusts that CA instead of the system's roots. The
@@ -400,5 +410,12 @@ mod tests {
         assert!(found.contains("UnknownIssuer"), "{found}");
         let plain = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
         assert!(handshake_failure(&plain).is_none());
+        // Only the text is left of an alert that went through HTTP/2.
+        let flattened =
+            std::io::Error::other("connection error: received fatal alert: CertificateRequired");
+        assert_eq!(
+            handshake_failure(&flattened).as_deref(),
+            Some("received fatal alert: CertificateRequired")
+        );
     }
 }

@@ -5,7 +5,8 @@
 //! - Every new connection, on both ports, must send its first bytes (plain)
 //!   or finish the TLS handshake within the handshake timeout; one that
 //!   opens TCP and sends nothing is closed. Handshakes run in their own
-//!   tasks, so a slow one never holds up the accept loop.
+//!   tasks, so a slow one never holds up the accept loop, and at most
+//!   [`MAX_HANDSHAKES`] at once per port (more are closed at once).
 //! - REST connections (HTTP/1.1) must then deliver each request head (the
 //!   request line and headers) within the header timeout, counted from the
 //!   connection's start or from the first byte of the request (slowloris),
@@ -40,6 +41,11 @@ use tower::ServiceExt;
 /// How many accepted, handshaken connections may wait for the server to
 /// take them.
 const BACKLOG: usize = 128;
+
+/// How many connections per port may be in their handshake at once; past
+/// that, new connections are closed at once, so a flood of silent clients
+/// costs at most this many tasks and sockets.
+const MAX_HANDSHAKES: usize = 1024;
 
 /// Buffer of each side of an in-memory connection.
 const LOCAL_BUFFER: usize = 256 * 1024;
@@ -156,6 +162,26 @@ pub fn accept(
     port: &'static str,
     shutdown: CancellationToken,
 ) -> (mpsc::Sender<Conn>, mpsc::Receiver<Conn>) {
+    accept_at_most(
+        listener,
+        tls,
+        handshake_timeout,
+        MAX_HANDSHAKES,
+        port,
+        shutdown,
+    )
+}
+
+/// [`accept`] with at most `max_handshakes` connections in their handshake.
+fn accept_at_most(
+    listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    handshake_timeout: Duration,
+    max_handshakes: usize,
+    port: &'static str,
+    shutdown: CancellationToken,
+) -> (mpsc::Sender<Conn>, mpsc::Receiver<Conn>) {
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(max_handshakes));
     let (ready_tx, ready_rx) = mpsc::channel(BACKLOG);
     let tx = ready_tx.clone();
     let acceptor = tls.map(TlsAcceptor::from);
@@ -177,6 +203,10 @@ pub fn accept(
                     continue;
                 }
             };
+            let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                tracing::debug!(port, %peer, max_handshakes, "too many connections in their handshake; closed");
+                continue;
+            };
             // Small responses must leave at once: without TCP_NODELAY,
             // Nagle plus delayed ACKs add ~40 ms to every call.
             if let Err(e) = tcp.set_nodelay(true) {
@@ -190,6 +220,7 @@ pub fn accept(
                     _ = shutdown.cancelled() => return,
                     ready = tokio::time::timeout(handshake_timeout, handshake(tcp, acceptor)) => ready,
                 };
+                drop(permit);
                 match ready {
                     Ok(Ok(conn)) => {
                         tokio::select! {
@@ -538,6 +569,52 @@ mod tests {
             .await
             .unwrap();
         assert!(matches!(conn, Some(Conn::Plain(_))));
+        stop.cancel();
+    }
+
+    /// Injects: more silent connections than may be in their handshake at
+    /// once. Asserts: the one past the limit is closed at once, while the
+    /// others are still waiting (their handshake timeout is long).
+    #[tokio::test]
+    async fn connections_past_the_handshake_limit_are_closed_at_once() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let _ready = accept_at_most(
+            listener,
+            None,
+            Duration::from_secs(60),
+            2,
+            "test",
+            stop.clone(),
+        );
+        let outcome = tokio::task::spawn_blocking(move || {
+            let mut waiting = Vec::new();
+            for _ in 0..2 {
+                waiting.push(std::net::TcpStream::connect(addr).unwrap());
+                // Let the accept loop take it before the next one.
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            let mut third = std::net::TcpStream::connect(addr).unwrap();
+            third
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            let third_read = third.read(&mut [0u8; 1]);
+            let first = &mut waiting[0];
+            first
+                .set_read_timeout(Some(Duration::from_millis(500)))
+                .unwrap();
+            let first_read = first.read(&mut [0u8; 1]);
+            (third_read, first_read)
+        })
+        .await
+        .unwrap();
+        assert!(
+            matches!(outcome.0, Ok(0)),
+            "the third is closed: {:?}",
+            outcome.0
+        );
+        assert!(outcome.1.is_err(), "the first still waits: {:?}", outcome.1);
         stop.cancel();
     }
 }
