@@ -43,7 +43,8 @@ Examples:
     propagate_version = true,
 )]
 pub struct Cli {
-    /// orchd gRPC endpoint (http:// is assumed when no scheme is given)
+    /// orchd gRPC endpoint (http:// is assumed when no scheme is given;
+    /// https:// for TLS)
     #[arg(
         long,
         global = true,
@@ -62,6 +63,32 @@ pub struct Cli {
         hide_env_values = true
     )]
     pub token: Option<String>,
+
+    /// PEM CA certificate(s) to trust for an https:// server (and --rest
+    /// URL) instead of the system's roots
+    #[arg(long, global = true, env = "ORCH_CA_CERT", value_name = "FILE")]
+    pub ca_cert: Option<PathBuf>,
+
+    /// PEM client certificate for an orchd that requires one (mTLS); needs
+    /// --client-key
+    #[arg(
+        long,
+        global = true,
+        env = "ORCH_CLIENT_CERT",
+        value_name = "FILE",
+        requires = "client_key"
+    )]
+    pub client_cert: Option<PathBuf>,
+
+    /// PEM private key of --client-cert
+    #[arg(
+        long,
+        global = true,
+        env = "ORCH_CLIENT_KEY",
+        value_name = "FILE",
+        requires = "client_cert"
+    )]
+    pub client_key: Option<PathBuf>,
 
     /// Output format; json is the proto3 JSON the REST API returns
     #[arg(

@@ -40,6 +40,7 @@ use orchestrator::proto::v1::{
     Job, ListJobsRequest, ListJobsResponse, SubmitJobRequest, SubmitJobsRequest, WatchJobRequest,
     job::State,
 };
+use orchestrator::tls::ClientTls;
 use pbjson_types::Struct;
 use serde::Serialize;
 use tonic::Code;
@@ -719,16 +720,36 @@ struct RestError {
 }
 
 impl Rest {
-    fn new(base: &str, token: Option<&str>, pool: usize) -> Result<Rest, CliError> {
+    fn new(
+        base: &str,
+        token: Option<&str>,
+        tls: &ClientTls,
+        pool: usize,
+    ) -> Result<Rest, CliError> {
         let base = base.trim().trim_end_matches('/').to_owned();
         let parsed = reqwest::Url::parse(&base)
             .map_err(|e| CliError::Usage(format!("invalid --rest URL {base:?}: {e}")))?;
-        if parsed.scheme() != "http" {
-            return Err(CliError::Usage(format!(
-                "invalid --rest URL {base:?}: only http:// is supported"
-            )));
+        // reqwest builds its rustls config, even for http://, from the
+        // process-wide crypto provider.
+        orchestrator::tls::install_crypto_provider();
+        let mut builder = reqwest::Client::builder();
+        match parsed.scheme() {
+            "http" => {}
+            "https" => {
+                tls.check(&base)
+                    .map_err(|e| CliError::Usage(e.to_string()))?;
+                let config = tls
+                    .rustls_config(&[b"http/1.1"])
+                    .map_err(|e| CliError::Usage(e.to_string()))?;
+                builder = builder.use_preconfigured_tls(config);
+            }
+            _ => {
+                return Err(CliError::Usage(format!(
+                    "invalid --rest URL {base:?}: only http:// and https:// are supported"
+                )));
+            }
         }
-        let http = reqwest::Client::builder()
+        let http = builder
             .connect_timeout(CONNECT_TIMEOUT)
             .pool_max_idle_per_host(pool)
             .user_agent(concat!("orchctl/", env!("CARGO_PKG_VERSION")))
@@ -753,7 +774,12 @@ impl Rest {
     }
 
     fn transport_error(&self, e: &reqwest::Error) -> CliError {
-        if e.is_connect() {
+        if let Some(why) = orchestrator::tls::handshake_failure(e) {
+            CliError::Connect {
+                server: self.base.clone(),
+                reason: format!("TLS handshake failed: {why}"),
+            }
+        } else if e.is_connect() {
             CliError::Connect {
                 server: self.base.clone(),
                 reason: error_chain(e),
@@ -1200,12 +1226,12 @@ pub async fn bench(g: &Global, args: &BenchArgs, out: &mut impl Write) -> Result
     let plan = Plan::from_args(args)?;
     let (api, transport, endpoint) = match &args.rest {
         Some(url) => {
-            let rest = Rest::new(url, g.token.as_deref(), plan.concurrency as usize)?;
+            let rest = Rest::new(url, g.token.as_deref(), &g.tls, plan.concurrency as usize)?;
             let endpoint = rest.base.clone();
             (Api::Rest(rest), "rest", endpoint)
         }
         None => {
-            let client = crate::client::connect(&g.server, g.token.as_deref())
+            let client = crate::client::connect(&g.server, g.token.as_deref(), &g.tls)
                 .await?
                 .max_decoding_message_size(MAX_RESPONSE_BYTES);
             (
@@ -1522,8 +1548,19 @@ mod tests {
         assert_eq!(bad_payload.exit_code(), 4);
         let empty_queue = Plan::from_args(&parse(&["--queue", " "]).unwrap()).unwrap_err();
         assert_eq!(empty_queue.exit_code(), 4);
-        assert!(Rest::new("ftp://x", None, 1).is_err());
-        assert!(Rest::new("http://127.0.0.1:8000/", None, 1).is_ok());
+        let tls = ClientTls::default();
+        assert!(Rest::new("ftp://x", None, &tls, 1).is_err());
+        assert!(Rest::new("http://127.0.0.1:8000/", None, &tls, 1).is_ok());
+        assert!(Rest::new("https://127.0.0.1:8000/", None, &tls, 1).is_ok());
+        let missing_ca = ClientTls {
+            ca_cert: Some("/nonexistent/ca.pem".into()),
+            ..ClientTls::default()
+        };
+        let Err(err) = Rest::new("https://127.0.0.1:8000", None, &missing_ca, 1) else {
+            panic!("a missing --ca-cert must be refused")
+        };
+        assert_eq!(err.exit_code(), 2);
+        assert!(err.to_string().contains("--ca-cert"), "{err}");
     }
 
     #[test]

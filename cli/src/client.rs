@@ -1,4 +1,5 @@
-//! Connecting to orchd: the endpoint with its timeouts, the interceptor
+//! Connecting to orchd: the endpoint with its timeouts and, for an
+//! `https://` server, its TLS settings, the interceptor
 //! that adds `authorization: Bearer <token>` to every call, and a deadline
 //! for unary calls.
 //!
@@ -13,6 +14,8 @@ use tonic::metadata::{AsciiMetadataValue, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
+
+use orchestrator::tls::ClientTls;
 
 use crate::exit::{CliError, error_chain};
 
@@ -100,11 +103,27 @@ pub fn endpoint(server: &str) -> Result<Endpoint, CliError> {
 }
 
 /// Connects to orchd and returns a client that authenticates every call.
-pub async fn connect(server: &str, token: Option<&str>) -> Result<Client, CliError> {
+/// An `https://` server is reached over TLS with `tls`'s CA (else the
+/// system's roots) and client certificate.
+pub async fn connect(
+    server: &str,
+    token: Option<&str>,
+    tls: &ClientTls,
+) -> Result<Client, CliError> {
     let interceptor = AuthInterceptor::new(token)?;
-    let endpoint = endpoint(server)?;
+    let mut endpoint = endpoint(server)?;
     let url = endpoint.uri().to_string();
     let url = url.trim_end_matches('/').to_owned();
+    tls.check(&url)
+        .map_err(|e| CliError::Usage(e.to_string()))?;
+    if url.starts_with("https://") {
+        let config = tls
+            .tonic_config()
+            .map_err(|e| CliError::Usage(e.to_string()))?;
+        endpoint = endpoint
+            .tls_config(config)
+            .map_err(|e| CliError::Usage(format!("TLS settings for {url}: {}", error_chain(&e))))?;
+    }
     let channel = match tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect()).await {
         Ok(Ok(channel)) => channel,
         Ok(Err(e)) => {
@@ -126,6 +145,9 @@ pub async fn connect(server: &str, token: Option<&str>) -> Result<Client, CliErr
 /// The useful part of a tonic transport error: its sources, without the
 /// bare "transport error" wrapper.
 fn connect_reason(err: &tonic::transport::Error) -> String {
+    if let Some(why) = orchestrator::tls::handshake_failure(err) {
+        return format!("TLS handshake failed: {why}");
+    }
     match std::error::Error::source(err) {
         Some(source) => error_chain(source),
         None => error_chain(err),
@@ -139,7 +161,7 @@ pub async fn call<T>(
 ) -> Result<T, CliError> {
     match tokio::time::timeout(CALL_TIMEOUT, fut).await {
         Ok(Ok(response)) => Ok(response.into_inner()),
-        Ok(Err(status)) => Err(CliError::Rpc(status)),
+        Ok(Err(status)) => Err(CliError::from(status)),
         Err(_) => Err(CliError::Rpc(tonic::Status::deadline_exceeded(format!(
             "orchd did not answer within {}s",
             CALL_TIMEOUT.as_secs()
@@ -201,7 +223,7 @@ mod tests {
             listener.local_addr().unwrap().port()
         };
         let started = std::time::Instant::now();
-        let err = connect(&format!("127.0.0.1:{port}"), None)
+        let err = connect(&format!("127.0.0.1:{port}"), None, &ClientTls::default())
             .await
             .unwrap_err();
         assert!(started.elapsed() < CONNECT_TIMEOUT + Duration::from_secs(1));

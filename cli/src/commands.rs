@@ -18,13 +18,15 @@ pub struct Global {
     pub server: String,
     /// Bearer token, if any.
     pub token: Option<String>,
+    /// TLS settings for an https:// server.
+    pub tls: orchestrator::tls::ClientTls,
     /// Output format.
     pub output: OutputFormat,
 }
 
 impl Global {
     async fn connect(&self) -> Result<Client, CliError> {
-        crate::client::connect(&self.server, self.token.as_deref()).await
+        crate::client::connect(&self.server, self.token.as_deref(), &self.tls).await
     }
 }
 

@@ -75,9 +75,10 @@ pub enum CliError {
         /// Why, with the whole error chain.
         reason: String,
     },
-    /// orchd answered with an error status. Exit code by [`code_exit`].
+    /// orchd answered with an error status (or the connection failed
+    /// during the call: UNAVAILABLE). Exit code by [`code_exit`].
     #[error("{}", StatusDisplay(.0))]
-    Rpc(#[from] tonic::Status),
+    Rpc(tonic::Status),
     /// The watch stream ended while the job was not terminal yet.
     /// Exit code [`UNAVAILABLE`].
     #[error("the watch of job {id} ended before the job finished (last state {state})")]
@@ -110,6 +111,31 @@ pub enum CliError {
     /// A job could not be rendered as JSON. Exit code [`GENERIC`].
     #[error("cannot encode JSON: {0}")]
     Json(#[from] serde_json::Error),
+}
+
+/// How the message of a connection that failed during a call starts.
+pub const CONNECTION_FAILED: &str = "connection to orchd failed";
+
+impl From<tonic::Status> for CliError {
+    /// A status made on this side from a failed connection (tonic reports
+    /// those as UNKNOWN "transport error", with the cause as its source)
+    /// becomes UNAVAILABLE with the cause, e.g. a TLS alert from a server
+    /// that wants a client certificate.
+    fn from(status: tonic::Status) -> Self {
+        let local_failure =
+            status.code() == Code::Unknown && std::error::Error::source(&status).is_some();
+        if !local_failure {
+            return CliError::Rpc(status);
+        }
+        let reason = match orchestrator::tls::handshake_failure(&status) {
+            Some(why) => format!("TLS handshake failed: {why}"),
+            None => {
+                let cause = std::error::Error::source(&status).expect("checked above");
+                format!("{CONNECTION_FAILED}: {}", error_chain(cause))
+            }
+        };
+        CliError::Rpc(tonic::Status::unavailable(reason))
+    }
 }
 
 impl CliError {
@@ -377,6 +403,24 @@ mod tests {
             "RESOURCE_EXHAUSTED: slow down; retry after 3s"
         );
         assert_eq!(retry_hint(&tonic::Status::resource_exhausted("x")), None);
+    }
+
+    #[test]
+    fn local_transport_failures_become_unavailable() {
+        // What tonic makes of a connection that broke during a call.
+        let broken = tonic::Status::from_error(Box::new(std::fmt::Error));
+        assert_eq!(broken.code(), Code::Unknown);
+        let err = CliError::from(broken);
+        assert_eq!(err.exit_code(), UNAVAILABLE);
+        assert!(
+            err.to_string()
+                .starts_with("UNAVAILABLE: connection to orchd failed"),
+            "{err}"
+        );
+        // An UNKNOWN that orchd sent stays what it is.
+        let err = CliError::from(tonic::Status::unknown("boom"));
+        assert_eq!(err.exit_code(), GENERIC);
+        assert_eq!(err.to_string(), "UNKNOWN: boom");
     }
 
     #[test]

@@ -95,12 +95,22 @@ pub struct ServeConfig {
     /// Prefix of every Redis key orchd writes.
     #[arg(long, env = "ORCH_REDIS_PREFIX", default_value = "orch:")]
     pub redis_prefix: String,
+    /// PEM CA certificate(s) to trust for a rediss:// --redis-url, instead
+    /// of the system's roots (a private CA).
+    #[arg(long, env = "REDIS_CA_CERT")]
+    pub redis_ca_cert: Option<PathBuf>,
+    /// PEM CA certificate(s) to trust for an amqps:// --amqp-url, besides
+    /// the system's roots (a private CA).
+    #[arg(long, env = "AMQP_CA_CERT")]
+    pub amqp_ca_cert: Option<PathBuf>,
     #[command(flatten)]
     pub jobs: JobSettings,
     #[command(flatten)]
     pub limits: LimitSettings,
     #[command(flatten)]
     pub auth: AuthConfig,
+    #[command(flatten)]
+    pub connections: ConnectionSettings,
 }
 
 /// How jobs are kept and run, the same for `orchd serve` and `orchd dev`.
@@ -245,6 +255,51 @@ pub struct AuthConfig {
     pub insecure_no_auth: bool,
 }
 
+/// How clients connect to the gRPC and REST ports, the same for `orchd
+/// serve` and `orchd dev`: TLS (and mTLS), and how long a connection may
+/// hold the server without doing its part.
+#[derive(Debug, Clone, Args)]
+pub struct ConnectionSettings {
+    /// PEM certificate chain (server certificate first): serve gRPC and
+    /// REST over TLS. Needs --tls-key.
+    #[arg(long, env = "ORCH_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "ORCH_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificate(s): require a client certificate signed by one of
+    /// them on both ports (mTLS). Needs --tls-cert.
+    #[arg(long, env = "ORCH_CLIENT_CA", requires = "tls_cert")]
+    pub client_ca: Option<PathBuf>,
+    /// How long a new connection may take to send its first bytes and, with
+    /// TLS, to finish the handshake, before it is closed.
+    #[arg(long, env = "ORCH_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub handshake_timeout: Duration,
+    /// REST: how long a client may take to send a whole request head (the
+    /// request line and headers) once it started one or connected; slower
+    /// clients (slowloris) are disconnected.
+    #[arg(long, env = "ORCH_HTTP_HEADER_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub http_header_timeout: Duration,
+    /// REST: how long a keep-alive connection may stay open with no request
+    /// in flight. gRPC connections are checked by HTTP/2 keepalive pings
+    /// instead.
+    #[arg(long, env = "ORCH_HTTP_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub http_idle_timeout: Duration,
+}
+
+impl Default for ConnectionSettings {
+    fn default() -> Self {
+        ConnectionSettings {
+            tls_cert: None,
+            tls_key: None,
+            client_ca: None,
+            handshake_timeout: Duration::from_secs(10),
+            http_header_timeout: Duration::from_secs(15),
+            http_idle_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
 impl ServeConfig {
     /// Defaults with the given dependencies, listening on ephemeral
     /// loopback ports: what tests and embedders start from.
@@ -255,9 +310,12 @@ impl ServeConfig {
             redis_url: redis_url.into(),
             amqp_url: amqp_url.into(),
             redis_prefix: "orch:".into(),
+            redis_ca_cert: None,
+            amqp_ca_cert: None,
             jobs: JobSettings::default(),
             limits: LimitSettings::default(),
             auth: AuthConfig::default(),
+            connections: ConnectionSettings::default(),
         }
     }
 }
@@ -421,6 +479,65 @@ mod tests {
         );
         assert!(Cli::try_parse_from(["orchd", "token", "new", "bob", "--role", "root"]).is_err());
         assert!(Cli::try_parse_from(["orchd", "token", "new", "bob"]).is_err());
+    }
+
+    #[test]
+    fn tls_and_connection_flags() {
+        let cli = Cli::try_parse_from(["orchd", "serve"]).unwrap();
+        let Command::Serve(cfg) = cli.command else {
+            panic!("serve")
+        };
+        assert!(cfg.connections.tls_cert.is_none() && cfg.connections.client_ca.is_none());
+        assert_eq!(cfg.connections.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(cfg.connections.http_header_timeout, Duration::from_secs(15));
+        assert_eq!(cfg.connections.http_idle_timeout, Duration::from_secs(60));
+        assert!(cfg.redis_ca_cert.is_none() && cfg.amqp_ca_cert.is_none());
+        let cli = Cli::try_parse_from([
+            "orchd",
+            "dev",
+            "--tls-cert",
+            "/tls/server.pem",
+            "--tls-key",
+            "/tls/server-key.pem",
+            "--client-ca",
+            "/tls/ca.pem",
+            "--http-idle-timeout",
+            "2m",
+        ])
+        .unwrap();
+        let Command::Dev(cfg) = cli.command else {
+            panic!("dev")
+        };
+        assert_eq!(
+            cfg.connections.client_ca,
+            Some(PathBuf::from("/tls/ca.pem"))
+        );
+        assert_eq!(cfg.connections.http_idle_timeout, Duration::from_secs(120));
+        // One half of the pair, or a client CA without TLS, is refused by
+        // name.
+        for args in [
+            &["orchd", "serve", "--tls-cert", "/c.pem"][..],
+            &["orchd", "serve", "--tls-key", "/k.pem"],
+            &["orchd", "serve", "--client-ca", "/ca.pem"],
+        ] {
+            let err = Cli::try_parse_from(args).unwrap_err().to_string();
+            assert!(err.contains("--tls-"), "{err}");
+        }
+        assert!(Cli::try_parse_from(["orchd", "serve", "--handshake-timeout", "soon"]).is_err());
+        let cli = Cli::try_parse_from([
+            "orchd",
+            "serve",
+            "--redis-ca-cert",
+            "/r.pem",
+            "--amqp-ca-cert",
+            "/a.pem",
+        ])
+        .unwrap();
+        let Command::Serve(cfg) = cli.command else {
+            panic!("serve")
+        };
+        assert_eq!(cfg.redis_ca_cert, Some(PathBuf::from("/r.pem")));
+        assert_eq!(cfg.amqp_ca_cert, Some(PathBuf::from("/a.pem")));
     }
 
     #[test]

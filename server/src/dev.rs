@@ -22,7 +22,7 @@ use orchestrator::validate::ListQuery;
 use orchestrator_worker::{Registry, Source, WorkerConfig};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{AuthConfig, JobSettings, LimitSettings};
+use crate::config::{AuthConfig, ConnectionSettings, JobSettings, LimitSettings};
 use crate::{Backend, Running, ServeConfig, ServerError};
 
 /// Settings of `orchd dev`.
@@ -53,6 +53,8 @@ pub struct DevConfig {
     pub limits: LimitSettings,
     #[command(flatten)]
     pub auth: AuthConfig,
+    #[command(flatten)]
+    pub connections: ConnectionSettings,
 }
 
 impl DevConfig {
@@ -68,6 +70,7 @@ impl DevConfig {
             jobs: JobSettings::default(),
             limits: LimitSettings::default(),
             auth: AuthConfig::default(),
+            connections: ConnectionSettings::default(),
         }
     }
 
@@ -78,6 +81,7 @@ impl DevConfig {
         config.jobs = self.jobs.clone();
         config.limits = self.limits.clone();
         config.auth = self.auth.clone();
+        config.connections = self.connections.clone();
         config
     }
 }
@@ -163,11 +167,13 @@ pub async fn start(config: DevConfig) -> Result<DevRunning, ServerError> {
     let server_stop = CancellationToken::new();
     let server = crate::start_with_auth(&serve_config, backend, auth, server_stop.clone()).await?;
 
-    let loopback = SocketAddr::from((Ipv4Addr::LOCALHOST, server.grpc_addr.port()));
     let workers_stop = CancellationToken::new();
     let mut workers = Vec::new();
     for _ in 0..config.workers {
-        let mut worker = WorkerConfig::local(format!("http://{loopback}"), "");
+        let mut worker = WorkerConfig::local("in-process", "");
+        // In memory: the gRPC port may require TLS and client certificates
+        // that in-process workers have no business holding.
+        worker.channel = Some(server.local_channel());
         worker.queues = Vec::new();
         worker.concurrency = 1;
         worker.enable_exec = config.enable_exec;
@@ -200,15 +206,28 @@ pub async fn run(config: DevConfig, shutdown: CancellationToken) -> Result<(), S
     } else {
         format!("in {}", config.data_dir.join("jobs.redb").display())
     };
-    let server_flag = if grpc.port() == 50051 {
+    let tls = running.server.tls;
+    let scheme = if tls { "https" } else { "http" };
+    let server_flag = if grpc.port() == 50051 && !tls {
         String::new()
     } else {
-        format!("--server http://{grpc} ")
+        format!("--server {scheme}://{grpc} ")
+    };
+    // With TLS the clients need the CA (and, with --client-ca, a
+    // certificate of their own); say so rather than print a command that
+    // fails.
+    let (orchctl_tls, curl_tls) = match (tls, config.connections.client_ca.is_some()) {
+        (false, _) => ("", ""),
+        (true, false) => ("--ca-cert CA.pem ", "--cacert CA.pem "),
+        (true, true) => (
+            "--ca-cert CA.pem --client-cert CLIENT.pem --client-key CLIENT-KEY.pem ",
+            "--cacert CA.pem --cert CLIENT.pem --key CLIENT-KEY.pem ",
+        ),
     };
     eprintln!(
-        "\norchd dev is up: gRPC on {grpc}, REST on http://{http}, {} in-process workers, jobs stored {storage}\n\
-         \n  submit a first job:  orchctl {server_flag}submit sleep --payload '{{\"seconds\": 1}}' --wait\n\
-         \x20                  or:  curl -s -X POST http://{http}/jobs -d '{{\"kind\":\"echo\",\"payload\":{{\"hello\":\"world\"}}}}'\n",
+        "\norchd dev is up: gRPC on {grpc}, REST on {scheme}://{http}, {} in-process workers, jobs stored {storage}\n\
+         \n  submit a first job:  orchctl {server_flag}{orchctl_tls}submit sleep --payload '{{\"seconds\": 1}}' --wait\n\
+         \x20                  or:  curl -s {curl_tls}-X POST {scheme}://{http}/jobs -d '{{\"kind\":\"echo\",\"payload\":{{\"hello\":\"world\"}}}}'\n",
         config.workers,
     );
     running.wait(shutdown).await;

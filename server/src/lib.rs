@@ -11,9 +11,11 @@ pub mod grpc;
 pub mod health;
 pub mod janitor;
 pub mod limits;
+pub mod listen;
 pub mod openapi;
 pub mod rest;
 pub mod service;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -29,6 +31,7 @@ use orchestrator::store::JobStore;
 use orchestrator::store::redis::{RedisStore, RedisStoreConfig};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
+use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
 
@@ -67,6 +70,9 @@ pub struct Running {
     pub grpc_addr: SocketAddr,
     /// Where the REST shim listens.
     pub http_addr: SocketAddr,
+    /// Whether both ports speak TLS.
+    pub tls: bool,
+    local: listen::LocalConnector,
     handle: JoinHandle<()>,
 }
 
@@ -75,6 +81,12 @@ pub struct Running {
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
 impl Running {
+    /// A gRPC channel to this server whose connections stay in this process
+    /// (no TCP, no TLS): for `orchd dev`'s in-process workers.
+    pub fn local_channel(&self) -> tonic::transport::Channel {
+        self.local.channel()
+    }
+
     /// Waits until every part has stopped after shutdown; once `shutdown`
     /// was cancelled, waits at most [`SHUTDOWN_GRACE`], then cuts what is
     /// left (streams and connections that would not close).
@@ -122,10 +134,12 @@ pub async fn start(
         url: config.redis_url.clone(),
         prefix: config.redis_prefix.clone(),
         retention: config.jobs.retention,
+        ca_cert: config.redis_ca_cert.clone(),
     };
+    let amqp_tls = orchestrator::tls::amqp_tls(&config.amqp_url, config.amqp_ca_cert.as_deref())?;
     let backend = Backend {
         store: Arc::new(RedisStore::new(&store_config)?),
-        queue: Arc::new(AmqpQueue::new(config.amqp_url.clone())),
+        queue: Arc::new(AmqpQueue::with_tls(config.amqp_url.clone(), amqp_tls)),
         info: ServerInfo {
             version: env!("CARGO_PKG_VERSION").into(),
             queue_backend: "rabbitmq".into(),
@@ -158,6 +172,7 @@ pub async fn start_with_auth(
 ) -> Result<Running, ServerError> {
     let Backend { store, queue, info } = backend;
     let limits = config.limits.validated()?;
+    let tls = tls::load(&config.connections)?;
     let dispatcher = Dispatcher::new(store.clone(), queue.clone(), DispatchConfig::default());
     let service = JobService::new(
         store.clone(),
@@ -206,6 +221,15 @@ pub async fn start_with_auth(
         .map_err(|e| ServerError::Reflection(e.to_string()))?;
 
     let max_request = config.limits.max_request_bytes;
+    let timeouts = &config.connections;
+    let (local_tx, grpc_incoming) = listen::accept(
+        grpc_listener,
+        tls.as_ref().map(|t| t.grpc.clone()),
+        timeouts.handshake_timeout,
+        "grpc",
+        shutdown.clone(),
+    );
+    let local = listen::LocalConnector::new(local_tx);
     // Keepalive pings find clients that vanished behind a partition, so
     // their streams and connections do not linger.
     let grpc = tonic::transport::Server::builder()
@@ -228,9 +252,7 @@ pub async fn start_with_auth(
             auth::GrpcAuth::new(auth.clone(), Api::Workers),
         ))
         .serve_with_incoming_shutdown(
-            // Small responses must leave at once: without TCP_NODELAY,
-            // Nagle plus delayed ACKs add ~40 ms to every call.
-            tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
+            tokio_stream::wrappers::ReceiverStream::new(grpc_incoming).map(Ok::<_, std::io::Error>),
             shutdown.clone().cancelled_owned(),
         );
     let router = rest::router(
@@ -242,13 +264,22 @@ pub async fn start_with_auth(
         max_request,
         config.limits.request_timeout,
     );
-    let http_listener = axum::serve::ListenerExt::tap_io(http_listener, |tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "could not set TCP_NODELAY");
-        }
-    });
-    let http = axum::serve(http_listener, router)
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let (_, http_incoming) = listen::accept(
+        http_listener,
+        tls.as_ref().map(|t| t.rest.clone()),
+        timeouts.handshake_timeout,
+        "rest",
+        shutdown.clone(),
+    );
+    let http = listen::serve_rest(
+        http_incoming,
+        router,
+        listen::HttpTimeouts {
+            header: timeouts.http_header_timeout,
+            idle: timeouts.http_idle_timeout,
+        },
+        shutdown.clone(),
+    );
 
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(health::run(
@@ -277,18 +308,20 @@ pub async fn start_with_auth(
             grpc_shutdown.cancel();
         }
     });
-    let http_shutdown = shutdown.clone();
-    tasks.spawn(async move {
-        if let Err(e) = http.await {
-            tracing::error!(error = %e, "REST server failed");
-            http_shutdown.cancel();
-        }
-    });
-    tracing::info!(%grpc_addr, %http_addr, "orchd listening");
+    tasks.spawn(http);
+    tracing::info!(
+        %grpc_addr,
+        %http_addr,
+        tls = tls.is_some(),
+        client_certificates = tls.as_ref().is_some_and(|t| t.mutual),
+        "orchd listening"
+    );
     let handle = tokio::spawn(async move { while tasks.join_next().await.is_some() {} });
     Ok(Running {
         grpc_addr,
         http_addr,
+        tls: tls.is_some(),
+        local,
         handle,
     })
 }

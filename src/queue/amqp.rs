@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::tcp::OwnedTLSConfig;
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 use tokio::sync::Mutex;
 
@@ -22,6 +23,7 @@ const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 /// A confirmed publisher of dispatches.
 pub struct AmqpQueue {
     url: String,
+    tls: OwnedTLSConfig,
     live: Mutex<Option<Live>>,
 }
 
@@ -61,9 +63,19 @@ pub fn with_default_heartbeat(url: &str) -> String {
 /// Opens a connection to `url`, failing after a few seconds rather than
 /// hanging when the broker is down.
 pub async fn connect(url: &str, name: &str) -> Result<Connection> {
+    connect_with_tls(url, name, &OwnedTLSConfig::default()).await
+}
+
+/// [`connect`] with TLS settings for an `amqps://` URL (see
+/// [`crate::tls::amqp_tls`]).
+pub async fn connect_with_tls(url: &str, name: &str, tls: &OwnedTLSConfig) -> Result<Connection> {
+    crate::tls::install_crypto_provider();
     let properties = ConnectionProperties::default().with_connection_name(name.into());
     let url = with_default_heartbeat(url);
-    match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(&url, properties)).await {
+    let runtime =
+        lapin::runtime::default_runtime().map_err(|e| unavailable(format!("runtime: {e}")))?;
+    let connecting = Connection::connect_with_config(&url, properties, tls.clone(), runtime);
+    match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
         Ok(Ok(conn)) => Ok(conn),
         Ok(Err(e)) => Err(unavailable(format!("cannot connect: {e}"))),
         Err(_) => Err(unavailable("cannot connect: timed out")),
@@ -73,8 +85,14 @@ pub async fn connect(url: &str, name: &str) -> Result<Connection> {
 impl AmqpQueue {
     /// A publisher for `url`; connects on first use.
     pub fn new(url: impl Into<String>) -> Self {
+        AmqpQueue::with_tls(url, OwnedTLSConfig::default())
+    }
+
+    /// A publisher for an `amqps://` `url` with these TLS settings.
+    pub fn with_tls(url: impl Into<String>, tls: OwnedTLSConfig) -> Self {
         AmqpQueue {
             url: url.into(),
+            tls,
             live: Mutex::new(None),
         }
     }
@@ -91,7 +109,7 @@ impl AmqpQueue {
             *live = None;
         }
         if live.is_none() {
-            let connection = connect(&self.url, "orchd-publisher").await?;
+            let connection = connect_with_tls(&self.url, "orchd-publisher", &self.tls).await?;
             let channel = connection.create_channel().await?;
             channel
                 .confirm_select(ConfirmSelectOptions::default())

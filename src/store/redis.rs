@@ -50,6 +50,8 @@ pub struct RedisStoreConfig {
     pub prefix: String,
     /// How long terminal jobs are kept.
     pub retention: Duration,
+    /// A private CA to trust for a `rediss://` URL (else the system's roots).
+    pub ca_cert: Option<std::path::PathBuf>,
 }
 
 impl RedisStoreConfig {
@@ -59,6 +61,7 @@ impl RedisStoreConfig {
             url: url.into(),
             prefix: "orch:".into(),
             retention: DEFAULT_RETENTION,
+            ca_cert: None,
         }
     }
 }
@@ -201,8 +204,7 @@ impl RedisStore {
     /// A store for `config`. Connects lazily, so this succeeds while Redis
     /// is down; operations fail with UNAVAILABLE until it is back.
     pub fn new(config: &RedisStoreConfig) -> Result<Self> {
-        let client = redis::Client::open(config.url.as_str())
-            .map_err(|e| Error::invalid("redis_url", e.to_string()))?;
+        let client = crate::tls::redis_client(&config.url, config.ca_cert.as_deref())?;
         let manager_config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
             .set_response_timeout(Some(Duration::from_secs(5)))

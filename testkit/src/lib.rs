@@ -1,4 +1,5 @@
-//! Test support for the orchestrator: real Redis and RabbitMQ servers.
+//! Test support for the orchestrator: real Redis and RabbitMQ servers, and
+//! test certificates.
 //!
 //! Every server runs as a real child process on a free `127.0.0.1` port, with
 //! its own temporary data directory, so tests never touch a system instance
@@ -11,6 +12,9 @@
 //!   distribution and epmd ports, own Mnesia directory), so durable queues and
 //!   persistent messages survive [`RabbitServer::kill`] +
 //!   [`RabbitServer::start_again`].
+//! * [`TestCerts`]: a CA with server and client certificates made at run
+//!   time, for TLS tests; [`RedisServer::start_tls`] and
+//!   [`RabbitServer::start_tls`] start servers that also listen with TLS.
 //! * [`shared_redis_url`] / [`shared_amqp_url`]: one server of each kind per
 //!   test process (or the ones `scripts/test.sh` started, through
 //!   `ORCH_TEST_REDIS_URL` / `ORCH_TEST_AMQP_URL`), for tests that only need
@@ -439,6 +443,8 @@ fn sweep_stale_dirs() {
 /// and removes its directory.
 pub struct RedisServer {
     port: u16,
+    /// The TLS port and the certificate files, for [`RedisServer::start_tls`].
+    tls: Option<(u16, [PathBuf; 3])>,
     program: PathBuf,
     child: Option<Child>,
     // Last field: dropped (directory removed) after `Drop::drop` killed the server.
@@ -453,9 +459,27 @@ impl RedisServer {
     /// If `redis-server` is missing (run `scripts/install-deps.sh`) or the
     /// server does not come up within 30 s (the panic shows its log).
     pub fn start() -> RedisServer {
+        RedisServer::start_with(None)
+    }
+
+    /// Starts a server that also listens with TLS (the server certificate
+    /// of `certs`, no client certificate asked for) on a second port, for
+    /// [`tls_url`](Self::tls_url); the plain port stays for the readiness
+    /// check and [`url`](Self::url).
+    pub fn start_tls(certs: &TestCerts) -> RedisServer {
+        let files = [
+            certs.server_cert.clone(),
+            certs.server_key.clone(),
+            certs.ca_cert.clone(),
+        ];
+        RedisServer::start_with(Some(files))
+    }
+
+    fn start_with(tls: Option<[PathBuf; 3]>) -> RedisServer {
         let program = require_program("redis-server", &["/usr/bin/redis-server"]);
         let mut server = RedisServer {
             port: 0,
+            tls: tls.map(|files| (0, files)),
             program,
             child: None,
             dir: make_temp_dir("redis"),
@@ -463,6 +487,9 @@ impl RedisServer {
         let mut failures = String::new();
         for attempt in 1..=3 {
             server.port = free_port();
+            if let Some((port, _)) = &mut server.tls {
+                *port = free_port();
+            }
             match server.launch() {
                 Ok(()) => return server,
                 // The port may have been taken by another process: retry.
@@ -486,6 +513,20 @@ impl RedisServer {
     /// The TCP port on 127.0.0.1; it stays the same across restarts.
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The TLS URL, `rediss://127.0.0.1:PORT/`, of a server started with
+    /// [`start_tls`](Self::start_tls).
+    ///
+    /// # Panics
+    ///
+    /// If the server was started without TLS.
+    pub fn tls_url(&self) -> String {
+        let (port, _) = self
+            .tls
+            .as_ref()
+            .expect("started with RedisServer::start_tls");
+        format!("rediss://127.0.0.1:{port}/")
     }
 
     /// The server's working directory (append-only file, `redis.log`).
@@ -546,6 +587,17 @@ impl RedisServer {
             .arg("--logfile")
             .arg(dir.join("redis.log"))
             .current_dir(&dir);
+        if let Some((port, [cert, key, ca])) = &self.tls {
+            cmd.arg("--tls-port")
+                .arg(port.to_string())
+                .arg("--tls-cert-file")
+                .arg(cert)
+                .arg("--tls-key-file")
+                .arg(key)
+                .arg("--tls-ca-cert-file")
+                .arg(ca)
+                .args(["--tls-auth-clients", "no"]);
+        }
         let child = spawn_tied_to_process(cmd)
             .map_err(|e| StartFailure::Exited(format!("cannot spawn redis-server: {e}")))?;
         self.child = Some(child);
@@ -704,6 +756,9 @@ fn read_resp(r: &mut impl io::BufRead) -> io::Result<Resp> {
 pub struct RabbitServer {
     node: String,
     amqp_port: u16,
+    /// The AMQPS port and the certificate files, for
+    /// [`RabbitServer::start_tls`].
+    tls: Option<(u16, [PathBuf; 3])>,
     dist_port: u16,
     epmd_port: u16,
     server_bin: PathBuf,
@@ -724,6 +779,22 @@ impl RabbitServer {
     /// If RabbitMQ is not installed (run `scripts/install-deps.sh`) or the
     /// node is not up within 120 s (the panic shows the tail of its log).
     pub fn start() -> RabbitServer {
+        RabbitServer::start_with(None)
+    }
+
+    /// Starts a node that also has a TLS listener (the server certificate of
+    /// `certs`, no client certificate asked for) on a second port, for
+    /// [`tls_url`](Self::tls_url).
+    pub fn start_tls(certs: &TestCerts) -> RabbitServer {
+        let files = [
+            certs.server_cert.clone(),
+            certs.server_key.clone(),
+            certs.ca_cert.clone(),
+        ];
+        RabbitServer::start_with(Some(files))
+    }
+
+    fn start_with(tls: Option<[PathBuf; 3]>) -> RabbitServer {
         let bin = Path::new(RABBITMQ_BIN_DIR);
         let server_bin = bin.join("rabbitmq-server");
         let ctl_bin = bin.join("rabbitmqctl");
@@ -739,6 +810,7 @@ impl RabbitServer {
         let mut server = RabbitServer {
             node: format!("{}@localhost", unique_name("orchtest")),
             amqp_port: 0,
+            tls: tls.map(|files| (0, files)),
             dist_port: 0,
             epmd_port: 0,
             server_bin,
@@ -751,6 +823,9 @@ impl RabbitServer {
         let mut failures = String::new();
         for attempt in 1..=3 {
             server.amqp_port = free_port();
+            if let Some((port, _)) = &mut server.tls {
+                *port = free_port();
+            }
             server.dist_port = free_port();
             server.epmd_port = free_port();
             server.prepare_dir();
@@ -779,6 +854,20 @@ impl RabbitServer {
     /// The AMQP port on 127.0.0.1; it stays the same across restarts.
     pub fn port(&self) -> u16 {
         self.amqp_port
+    }
+
+    /// The TLS URL, `amqps://guest:guest@127.0.0.1:PORT/%2f`, of a node
+    /// started with [`start_tls`](Self::start_tls).
+    ///
+    /// # Panics
+    ///
+    /// If the node was started without TLS.
+    pub fn tls_url(&self) -> String {
+        let (port, _) = self
+            .tls
+            .as_ref()
+            .expect("started with RabbitServer::start_tls");
+        format!("amqps://guest:guest@127.0.0.1:{port}/%2f")
     }
 
     /// The Erlang node name, `orchtest-xxxxxxxxxx@localhost`.
@@ -881,15 +970,26 @@ impl RabbitServer {
             "{host, {127,0,0,1}, [\"localhost\"]}.\n{lookup, [file, native]}.\n",
         );
         write("enabled_plugins", "[].\n");
-        write(
-            "rabbitmq.conf",
-            &format!(
-                "listeners.tcp.default = 127.0.0.1:{}\n\
-                 disk_free_limit.absolute = 50MB\n\
-                 loopback_users.guest = true\n",
-                self.amqp_port
-            ),
+        let mut conf = format!(
+            "listeners.tcp.default = 127.0.0.1:{}\n\
+             disk_free_limit.absolute = 50MB\n\
+             loopback_users.guest = true\n",
+            self.amqp_port
         );
+        if let Some((port, [cert, key, ca])) = &self.tls {
+            conf += &format!(
+                "listeners.ssl.default = 127.0.0.1:{port}\n\
+                 ssl_options.certfile = {}\n\
+                 ssl_options.keyfile = {}\n\
+                 ssl_options.cacertfile = {}\n\
+                 ssl_options.verify = verify_none\n\
+                 ssl_options.fail_if_no_peer_cert = false\n",
+                cert.display(),
+                key.display(),
+                ca.display()
+            );
+        }
+        write("rabbitmq.conf", &conf);
     }
 
     /// The environment shared by `rabbitmq-server` and `rabbitmqctl`: same
@@ -954,8 +1054,9 @@ impl RabbitServer {
                     self.logs()
                 )));
             }
-            // The AMQP listener opens last; then confirm with the CLI.
-            if port_open(self.amqp_port) {
+            // The AMQP listeners open last; then confirm with the CLI.
+            let tls_open = self.tls.as_ref().is_none_or(|(port, _)| port_open(*port));
+            if port_open(self.amqp_port) && tls_open {
                 let out = self.rabbitmqctl(&["-q", "--timeout", "60", "await_startup"]);
                 if out.status.success() && self.is_running() {
                     return Ok(());
@@ -1064,6 +1165,10 @@ impl Drop for RabbitServer {
         self.kill_processes();
     }
 }
+
+mod tls;
+
+pub use tls::TestCerts;
 
 #[cfg(test)]
 mod tests;

@@ -2,6 +2,7 @@
 //! fallback, durations are humantime such as `30s` or `250ms`), their
 //! validation, and the process's worker id.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
@@ -28,6 +29,25 @@ pub struct WorkerConfig {
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
     )]
     pub amqp_url: String,
+
+    /// PEM CA certificate(s) to trust for an amqps:// --amqp-url, besides
+    /// the system's roots (a private CA).
+    #[arg(long, env = "AMQP_CA_CERT")]
+    pub amqp_ca_cert: Option<PathBuf>,
+
+    /// PEM CA certificate(s) to trust for an https:// --server, instead of
+    /// the system's roots.
+    #[arg(long, env = "ORCH_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
+
+    /// PEM client certificate presented to orchd (for an orchd started with
+    /// --client-ca). Needs --client-key.
+    #[arg(long, env = "ORCH_CLIENT_CERT", requires = "client_key")]
+    pub client_cert: Option<PathBuf>,
+
+    /// PEM private key of --client-cert.
+    #[arg(long, env = "ORCH_CLIENT_KEY", requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
 
     /// Bearer token sent to orchd as `authorization: Bearer <token>`.
     #[arg(long, env = "ORCH_TOKEN", hide_env_values = true)]
@@ -97,6 +117,11 @@ pub struct WorkerConfig {
     /// Log format on stderr; the level comes from RUST_LOG (default info).
     #[arg(long, env = "ORCH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// A ready channel to orchd, used instead of dialling --server (`orchd
+    /// dev`'s in-process workers get one whose connections stay in memory).
+    #[arg(skip)]
+    pub channel: Option<tonic::transport::Channel>,
 }
 
 /// How logs are written.
@@ -173,15 +198,29 @@ impl WorkerConfig {
                 "--worker-id must be 1..={MAX_PREFIX_LEN} printable characters"
             ));
         }
-        // This build has no TLS client (no tonic TLS feature): refuse
-        // https:// up front rather than fail every call later.
-        if !self.server.starts_with("http://") {
-            return bad(format!(
-                "--server must be an http:// URL (TLS is not supported by this build), got {:?}",
-                self.server
-            ));
+        if self.channel.is_none() {
+            if !self.server.starts_with("http://") && !self.server.starts_with("https://") {
+                return bad(format!(
+                    "--server must be an http:// or https:// URL, got {:?}",
+                    self.server
+                ));
+            }
+            // Read the certificate files now: a typo should stop the worker
+            // at start, not fail every call later.
+            self.client_tls()
+                .check(&self.server)
+                .map_err(|e| WorkerError::Config(e.to_string()))?;
         }
         Ok(())
+    }
+
+    /// The TLS settings for --server.
+    pub fn client_tls(&self) -> orchestrator::tls::ClientTls {
+        orchestrator::tls::ClientTls {
+            ca_cert: self.ca_cert.clone(),
+            client_cert: self.client_cert.clone(),
+            client_key: self.client_key.clone(),
+        }
     }
 
     /// A fresh worker id for this process: `<prefix>-<pid>-<8 random hex>`,
@@ -230,6 +269,10 @@ mod tests {
     const VARIABLES: &[&str] = &[
         "ORCH_SERVER",
         "AMQP_URL",
+        "AMQP_CA_CERT",
+        "ORCH_CA_CERT",
+        "ORCH_CLIENT_CERT",
+        "ORCH_CLIENT_KEY",
         "ORCH_TOKEN",
         "ORCH_QUEUES",
         "ORCH_CONCURRENCY",
@@ -294,6 +337,7 @@ mod tests {
         assert_eq!(c.drain_timeout, Duration::from_secs(30));
         assert!(!c.enable_exec);
         assert_eq!(c.token, None);
+        assert!(c.ca_cert.is_none() && c.client_cert.is_none() && c.amqp_ca_cert.is_none());
         assert_eq!(c.log_format, LogFormat::Text);
         assert_eq!(c.tick_interval(), Duration::from_millis(250));
         c.validate().unwrap();
@@ -356,7 +400,25 @@ mod tests {
         c = parse(&["--server", "127.0.0.1:50051"]).unwrap();
         assert!(c.validate().unwrap_err().to_string().contains("--server"));
         c = parse(&["--server", "https://orchd:50051"]).unwrap();
-        assert!(c.validate().unwrap_err().to_string().contains("TLS"));
+        c.validate().unwrap();
+        c = parse(&["--server", "http://orchd:50051", "--ca-cert", "/ca.pem"]).unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("https://"));
+        c = parse(&[
+            "--server",
+            "https://orchd:50051",
+            "--ca-cert",
+            "/nonexistent/ca.pem",
+        ])
+        .unwrap();
+        let text = c.validate().unwrap_err().to_string();
+        assert!(
+            text.contains("--ca-cert") && text.contains("/nonexistent/ca.pem"),
+            "{text}"
+        );
+        assert!(
+            parse(&["--client-cert", "/c.pem"]).is_err(),
+            "--client-key is required"
+        );
     }
 
     #[test]
@@ -370,6 +432,10 @@ mod tests {
                 ("ORCH_CONCURRENCY", "3"),
                 ("ORCH_ENABLE_EXEC", "true"),
                 ("ORCH_TOKEN", "tok"),
+                ("ORCH_CA_CERT", "/tls/ca.pem"),
+                ("ORCH_CLIENT_CERT", "/tls/worker.pem"),
+                ("ORCH_CLIENT_KEY", "/tls/worker-key.pem"),
+                ("AMQP_CA_CERT", "/tls/rabbit-ca.pem"),
                 ("ORCH_LEASE", "45s"),
                 ("ORCH_HEARTBEAT_INTERVAL", "5s"),
                 ("ORCH_DRAIN_TIMEOUT", "1m"),
@@ -390,6 +456,10 @@ mod tests {
         assert_eq!(c.concurrency, 3);
         assert!(c.enable_exec);
         assert_eq!(c.token.as_deref(), Some("tok"));
+        assert_eq!(c.ca_cert, Some(PathBuf::from("/tls/ca.pem")));
+        assert_eq!(c.client_cert, Some(PathBuf::from("/tls/worker.pem")));
+        assert_eq!(c.client_key, Some(PathBuf::from("/tls/worker-key.pem")));
+        assert_eq!(c.amqp_ca_cert, Some(PathBuf::from("/tls/rabbit-ca.pem")));
         assert_eq!(c.lease, Duration::from_secs(45));
         assert_eq!(c.heartbeat_interval, Duration::from_secs(5));
         assert_eq!(c.drain_timeout, Duration::from_secs(60));

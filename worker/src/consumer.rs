@@ -37,6 +37,8 @@ use crate::attempt::{self, Shared, StartOutcome};
 #[derive(Debug, Clone)]
 pub(crate) struct ConsumerSettings {
     pub amqp_url: String,
+    /// TLS settings of an `amqps://` URL.
+    pub amqp_tls: lapin::tcp::OwnedTLSConfig,
     pub queues: Vec<String>,
     /// The namespace whose queues these are.
     pub namespace: String,
@@ -118,7 +120,8 @@ impl Consumer {
         let settings = &self.settings;
         let setup = async {
             let name = format!("orch-worker {}", settings.worker_id);
-            let connection = amqp::connect(&settings.amqp_url, &name).await?;
+            let connection =
+                amqp::connect_with_tls(&settings.amqp_url, &name, &settings.amqp_tls).await?;
             let channel = connection.create_channel().await?;
             // Per consumer (global = false), the usual RabbitMQ meaning.
             channel

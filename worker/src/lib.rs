@@ -124,6 +124,11 @@ pub async fn run_from(
             let settings = consumer::ConsumerSettings {
                 amqp_url: config.amqp_url.clone(),
                 namespace,
+                amqp_tls: orchestrator::tls::amqp_tls(
+                    &config.amqp_url,
+                    config.amqp_ca_cert.as_deref(),
+                )
+                .map_err(|e| WorkerError::Config(e.to_string()))?,
                 queues: config.queues.clone(),
                 concurrency: config.concurrency,
                 worker_id: worker_id.clone(),

@@ -1,7 +1,8 @@
 //! The gRPC client of orchd's WorkerService: a lazily connected channel
 //! (so the worker starts even when orchd is not up yet, and reconnects by
-//! itself when orchd restarts), the bearer token, per-call timeouts, and
-//! which status codes are worth retrying.
+//! itself when orchd restarts), over TLS for an `https://` server, the
+//! bearer token, per-call timeouts, and which status codes are worth
+//! retrying.
 
 use std::time::Duration;
 
@@ -48,14 +49,27 @@ fn auth(token: Option<&str>) -> Result<Auth, WorkerError> {
     Ok(Auth(Some(value)))
 }
 
-/// A client for `config.server`; connects on first use.
+/// A client for `config.server` (or `config.channel`); connects on first
+/// use.
 pub(crate) fn connect(config: &WorkerConfig) -> Result<Client, WorkerError> {
+    let auth = auth(config.token.as_deref())?;
+    if let Some(channel) = &config.channel {
+        return Ok(WorkerServiceClient::with_interceptor(channel.clone(), auth));
+    }
     let endpoint_error = |e: &dyn std::fmt::Display| WorkerError::Endpoint {
         url: config.server.clone(),
         message: e.to_string(),
     };
-    let endpoint = Endpoint::from_shared(config.server.clone())
-        .map_err(|e| endpoint_error(&e))?
+    let mut endpoint =
+        Endpoint::from_shared(config.server.clone()).map_err(|e| endpoint_error(&e))?;
+    if config.server.starts_with("https://") {
+        let tls = config
+            .client_tls()
+            .tonic_config()
+            .map_err(|e| WorkerError::Config(e.to_string()))?;
+        endpoint = endpoint.tls_config(tls).map_err(|e| endpoint_error(&e))?;
+    }
+    let endpoint = endpoint
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true)
         // Notice a dead orchd (or a silently dropped connection) quickly.
@@ -63,10 +77,7 @@ pub(crate) fn connect(config: &WorkerConfig) -> Result<Client, WorkerError> {
         .keep_alive_timeout(Duration::from_secs(5))
         .keep_alive_while_idle(true);
     let channel = endpoint.connect_lazy();
-    Ok(WorkerServiceClient::with_interceptor(
-        channel,
-        auth(config.token.as_deref())?,
-    ))
+    Ok(WorkerServiceClient::with_interceptor(channel, auth))
 }
 
 /// A request with a deadline.
@@ -145,6 +156,14 @@ pub(crate) async fn check_server(
                 "orchd at {server} refused this worker's credentials ({:?}): {}; check --token/ORCH_TOKEN (it needs a worker or admin token)",
                 status.code(),
                 status.message()
+            )))
+        }
+        // So will a server certificate this worker does not trust, or a
+        // client certificate the server refuses.
+        Err(status) if orchestrator::tls::handshake_failure(&status).is_some() => {
+            Err(WorkerError::Config(format!(
+                "TLS handshake with orchd at {server} failed: {}; check --ca-cert (and --client-cert/--client-key if orchd requires client certificates)",
+                orchestrator::tls::handshake_failure(&status).unwrap_or_default()
             )))
         }
         Err(status) => {

@@ -48,7 +48,11 @@ impl TestServer {
             config,
             shutdown,
             running: Some(running),
-            http_client: reqwest::Client::new(),
+            http_client: {
+                // reqwest takes rustls's process-wide crypto provider.
+                orchestrator::tls::install_crypto_provider();
+                reqwest::Client::new()
+            },
         }
     }
 
