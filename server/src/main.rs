@@ -7,6 +7,9 @@ use orchestrator::process;
 use orchestrator_server::config::{Cli, Command, LogFormat, TokenCommand};
 use tokio_util::sync::CancellationToken;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
