@@ -6,6 +6,7 @@
 #   bench/run.sh                     # everything (~10-15 min on 2 cores, most of it the release build)
 #   RUN_CELERY=0 RUN_RAW=0 bench/run.sh
 #   N=2000 LATENCY_N=100 OUT=/tmp/b.md bench/run.sh
+#   SCENARIOS=grpc-cancel RUN_CELERY=0 RUN_RAW=0 OUT=/tmp/b.md bench/run.sh   # one scenario
 #
 # Steps: copy the reference benchmark ($REF_SRC, read-only) to $REF; start
 # its Redis (127.0.0.1:6390) and RabbitMQ (127.0.0.1:5690) unless they run
@@ -13,13 +14,17 @@
 # `orch-worker`s consuming a fresh queue bench-<random>; run the scenarios
 # with `orchctl bench -o json`; record the RSS of orchd and the workers
 # during the throughput run; stop them; run Celery (RUN_CELERY=1) and the
-# raw lapin client (RUN_RAW=1); write $OUT with bench/report.py. Every
+# raw lapin client (RUN_RAW=1); write $OUT with bench/report.py (a run
+# with fewer SCENARIOS writes a report with those rows "not run"). Every
 # process started here is stopped on exit (by PID), the services only if
 # this script started them.
 #
 # Settings (environment):
 #   N=10000              jobs per throughput run (Celery gets the same -n)
 #   LATENCY_N=500        jobs of the one-at-a-time latency runs
+#   CANCEL_N=100         running `sleep` jobs cancelled one at a time (cancellation latency)
+#   SCENARIOS="grpc-throughput rest-throughput grpc-batch grpc-latency grpc-cancel"
+#                        which orchctl bench scenarios to run
 #   CONCURRENCY=64       submit calls in flight (orchctl bench --concurrency)
 #   BATCH=100            jobs per SubmitJobs call in the batch scenario
 #   BATCH_CONCURRENCY=8  SubmitJobs calls in flight
@@ -39,6 +44,8 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 TS=$(date +%Y%m%d-%H%M%S)
 N=${N:-10000}
 LATENCY_N=${LATENCY_N:-500}
+CANCEL_N=${CANCEL_N:-100}
+SCENARIOS=${SCENARIOS:-grpc-throughput rest-throughput grpc-batch grpc-latency grpc-cancel}
 CONCURRENCY=${CONCURRENCY:-64}
 BATCH=${BATCH:-100}
 BATCH_CONCURRENCY=${BATCH_CONCURRENCY:-8}
@@ -129,7 +136,7 @@ fi
   echo "erlang=$(dpkg-query -W -f '${Version}' erlang-base 2>/dev/null)"
   echo "commit=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null)$(git -C "$ROOT" diff --quiet 2>/dev/null || echo '+changes')"
   echo "load_start=$(cut -d' ' -f1-3 /proc/loadavg)"
-  echo "n=$N latency_n=$LATENCY_N concurrency=$CONCURRENCY batch=$BATCH batch_concurrency=$BATCH_CONCURRENCY warmup=$WARMUP"
+  echo "n=$N latency_n=$LATENCY_N cancel_n=$CANCEL_N concurrency=$CONCURRENCY batch=$BATCH batch_concurrency=$BATCH_CONCURRENCY warmup=$WARMUP"
   echo "workers=$WORKERS worker_concurrency=$WORKER_CONCURRENCY"
 } >"$RESULTS/machine.env"
 
@@ -180,10 +187,16 @@ rss_line() {
 orchctl() { "$BIN/orchctl" --server "$GRPC" "$@"; }
 
 # One scenario: `orchctl -o json bench ARGS` into $RESULTS/NAME.json; a
-# failed check is reported but does not stop the other scenarios.
+# failed check is reported but does not stop the other scenarios. Scenarios
+# not in $SCENARIOS are skipped.
+wanted() { [[ " $SCENARIOS " == *" $1 "* ]]; }
 scenario() {
   local name=$1
   shift
+  wanted "$name" || {
+    log "scenario $name skipped (not in SCENARIOS)"
+    return 0
+  }
   log "scenario $name: orchctl bench $*"
   local rc=0
   orchctl -o json bench --queue "$QUEUE" "$@" >"$RESULTS/$name.json" 2>"$RESULTS/$name.err" || rc=$?
@@ -191,6 +204,12 @@ scenario() {
   python3 - "$RESULTS/$name.json" <<'PY' >&2 || true
 import json, sys
 r = json.load(open(sys.argv[1]))
+if r["mode"] == "cancel":
+    lat = r.get("cancel_latency_ms") or {}
+    print(f"  cancelled {r['cancelled']}/{r['jobs']} exactly_once={r['exactly_once']} "
+          f"cancel p50 {lat.get('p50', float('nan')):.2f} p99 {lat.get('p99', float('nan')):.2f} "
+          f"max {lat.get('max', float('nan')):.2f} ms")
+    sys.exit(0)
 lat = r.get("client_latency_ms") or r.get("latency_ms") or {}
 print(f"  completed {r['completed']}/{r['jobs']} exactly_once={r['exactly_once']} "
       f"submit {r['submit_rate']:.0f}/s e2e {r['e2e_rate']:.0f}/s "
@@ -203,17 +222,23 @@ orchctl bench --queue "$QUEUE" -n 50 --timeout 60s >/dev/null 2>"$RESULTS/first.
   die "the first jobs did not complete: $(tail -1 "$RESULTS/first.err")"
 rss_line >"$RESULTS/rss-idle.txt"
 
-rss_line >"$RESULTS/rss-throughput.txt"
-(while sleep 0.25; do rss_line; done) >>"$RESULTS/rss-throughput.txt" &
-SAMPLER=$!
+if wanted grpc-throughput; then
+  rss_line >"$RESULTS/rss-throughput.txt"
+  (while sleep 0.25; do rss_line; done) >>"$RESULTS/rss-throughput.txt" &
+  SAMPLER=$!
+fi
 scenario grpc-throughput -n "$N" --concurrency "$CONCURRENCY" --warmup "$WARMUP"
-kill "$SAMPLER" 2>/dev/null || true
-wait "$SAMPLER" 2>/dev/null || true
-SAMPLER=
+if [[ -n $SAMPLER ]]; then
+  kill "$SAMPLER" 2>/dev/null || true
+  wait "$SAMPLER" 2>/dev/null || true
+  SAMPLER=
+fi
 
 scenario rest-throughput -n "$N" --concurrency "$CONCURRENCY" --warmup "$WARMUP" --rest "$REST"
 scenario grpc-batch -n "$N" --batch "$BATCH" --concurrency "$BATCH_CONCURRENCY" --warmup "$WARMUP"
 scenario grpc-latency --latency "$LATENCY_N" --warmup 50
+# Running `sleep` jobs (300 s) cancelled one at a time: CancelJob -> CANCELLED.
+scenario grpc-cancel --cancel "$CANCEL_N" --warmup 5
 rss_line >"$RESULTS/rss-end.txt"
 log "stopping orchd and the workers"
 stop_stack
