@@ -132,7 +132,8 @@ p(f"- Redis {m.get('redis', '?')} (no persistence) on 127.0.0.1:6390 and RabbitM
   f"(Erlang {m.get('erlang', '?')}, no plugins) on 127.0.0.1:5690: the reference benchmark's `services.sh`, "
   "**the same servers for every stack** (orchd uses Redis db 1, Celery db 0)")
 p(f"- this project at commit {m.get('commit', '?')}, release build, {m.get('rustc', '')}; "
-  f"`orchd serve` and {m.get('workers', '?')} × `orch-worker --concurrency {m.get('worker_concurrency', '?')}` "
+  f"`orchd serve` and {m.get('workers', '?')} × `orch-worker --concurrency {m.get('worker_concurrency', '?')}"
+  f"{' ' + m['worker_args'] if m.get('worker_args') else ''}` "
   "on one fresh queue, `RUST_LOG=warn`, all on the same host as the clients")
 p(f"- `noop` jobs; throughput runs: {m.get('n', '?')} jobs after a {m.get('warmup', '?')}-job warm-up; "
   f"latency runs: {m.get('latency_n', '?')} jobs one at a time; cancellation: {m.get('cancel_n', '?')} running "
@@ -218,7 +219,7 @@ p("*exactly once*: every submitted job is COMPLETED (cancellation scenario: CANC
   "exactly one transition to that state (checked by `orchctl bench` over every job of the run). *submit /s*: jobs ÷ (first submit sent → "
   "last submit answered). *end-to-end /s*: jobs ÷ (first submit sent → latest `finishedAt`). *server latency*: "
   "each job's `createdAt → finishedAt` (orchd's clock, millisecond resolution), i.e. mostly queueing time "
-  "under load.")
+  "under load; for the cancellation scenario, `updatedAt` when the cancel was recorded → `finishedAt`.")
 p()
 
 p("## Celery reference (same run, same servers)")

@@ -31,6 +31,8 @@
 #   WARMUP=500           jobs run through before each measurement (as Celery's warm-up)
 #   WORKERS=2            orch-worker processes
 #   WORKER_CONCURRENCY=8 jobs each worker runs at once (and its prefetch)
+#   WORKER_ARGS=         extra orch-worker flags, e.g. "--cancel-push=false" to
+#                        measure cancellation by the heartbeat poll alone
 #   RUN_CELERY=1         also run the Celery reference (threads c=8, prefork c=2; 1 repeat)
 #   RUN_RAW=1            also run the raw RabbitMQ ceiling (lapin, 1 repeat)
 #   GRPC_PORT=50551 HTTP_PORT=8551   where orchd listens (loopback)
@@ -52,6 +54,8 @@ BATCH_CONCURRENCY=${BATCH_CONCURRENCY:-8}
 WARMUP=${WARMUP:-500}
 WORKERS=${WORKERS:-2}
 WORKER_CONCURRENCY=${WORKER_CONCURRENCY:-8}
+WORKER_ARGS=${WORKER_ARGS:-}
+read -r -a WORKER_ARGV <<<"$WORKER_ARGS"
 RUN_CELERY=${RUN_CELERY:-1}
 RUN_RAW=${RUN_RAW:-1}
 GRPC_PORT=${GRPC_PORT:-50551}
@@ -138,6 +142,7 @@ fi
   echo "load_start=$(cut -d' ' -f1-3 /proc/loadavg)"
   echo "n=$N latency_n=$LATENCY_N cancel_n=$CANCEL_N concurrency=$CONCURRENCY batch=$BATCH batch_concurrency=$BATCH_CONCURRENCY warmup=$WARMUP"
   echo "workers=$WORKERS worker_concurrency=$WORKER_CONCURRENCY"
+  echo "worker_args=$WORKER_ARGS"
 } >"$RESULTS/machine.env"
 
 # --- build ----------------------------------------------------------------------
@@ -169,7 +174,7 @@ curl -fsS "$REST/healthz" >/dev/null || die "orchd not healthy after 60 s; see $
 WORKER_PIDS=()
 for i in $(seq 1 "$WORKERS"); do
   "$BIN/orch-worker" --server "$GRPC" --amqp-url "$AMQP_URL" --queues "$QUEUE" \
-    --concurrency "$WORKER_CONCURRENCY" --worker-id "bench-w$i" \
+    --concurrency "$WORKER_CONCURRENCY" --worker-id "bench-w$i" "${WORKER_ARGV[@]}" \
     >"$RESULTS/worker-$i.log" 2>&1 &
   WORKER_PIDS+=("$!")
   PIDS+=("$!")
