@@ -68,7 +68,7 @@ def rss(name):
 
 
 m = env()
-ours = {k: load(f"{k}.json") for k in ("grpc-throughput", "rest-throughput", "grpc-batch", "grpc-latency")}
+ours = {k: load(f"{k}.json") for k in ("grpc-throughput", "rest-throughput", "grpc-batch", "grpc-latency", "grpc-cancel")}
 celery = {k: load(f"celery-{k}.json") for k in ("threads-c8", "prefork-c2")}
 amqp = load("amqp-lapin.json")
 
@@ -99,6 +99,17 @@ g = ours["grpc-throughput"]
 b = ours["grpc-batch"]
 lat = ours["grpc-latency"]
 lat_client = (lat or {}).get("client_latency_ms") or {}
+cancel = ours["grpc-cancel"]
+cancel_client = (cancel or {}).get("cancel_latency_ms") or {}
+cancel_server = (cancel or {}).get("cancel_server_latency_ms") or {}
+# Issue 6's targets for cancelling a running job (CancelJob -> CANCELLED).
+CANCEL_TARGETS = {"p50": 50, "p99": 200}
+
+
+def against(value, target):
+    if value is None:
+        return "not run"
+    return f"**{fmt(value, 2)}** {'✓' if value <= target else '✗'} target ≤ {target}"
 
 p = print
 p("# Benchmarks")
@@ -121,10 +132,12 @@ p(f"- Redis {m.get('redis', '?')} (no persistence) on 127.0.0.1:6390 and RabbitM
   f"(Erlang {m.get('erlang', '?')}, no plugins) on 127.0.0.1:5690: the reference benchmark's `services.sh`, "
   "**the same servers for every stack** (orchd uses Redis db 1, Celery db 0)")
 p(f"- this project at commit {m.get('commit', '?')}, release build, {m.get('rustc', '')}; "
-  f"`orchd serve` and {m.get('workers', '?')} × `orch-worker --concurrency {m.get('worker_concurrency', '?')}` "
+  f"`orchd serve` and {m.get('workers', '?')} × `orch-worker --concurrency {m.get('worker_concurrency', '?')}"
+  f"{' ' + m['worker_args'] if m.get('worker_args') else ''}` "
   "on one fresh queue, `RUST_LOG=warn`, all on the same host as the clients")
 p(f"- `noop` jobs; throughput runs: {m.get('n', '?')} jobs after a {m.get('warmup', '?')}-job warm-up; "
-  f"latency runs: {m.get('latency_n', '?')} jobs one at a time; Celery: `run_bench.py -n {m.get('n', '?')} "
+  f"latency runs: {m.get('latency_n', '?')} jobs one at a time; cancellation: {m.get('cancel_n', '?')} running "
+  f"`sleep` jobs cancelled one at a time; Celery: `run_bench.py -n {m.get('n', '?')} "
   f"--latency-n {m.get('latency_n', '?')} --repeat 1` (threads c=8 and prefork c=2, acks late, prefetch 4 × concurrency)")
 p()
 p("## Summary")
@@ -149,6 +162,9 @@ p(f"| submit rate, batched, jobs/s | {fmt(gr(best, 'submit'))} | {fmt(ceil_pub)}
 for q in ("p50", "p90", "p99"):
     p(f"| latency {q}, ms (one job at a time) | {fmt(gr(best, q), 2)} | – | **{fmt(lat_client.get(q), 2)}** "
       f"| {ratio(lat_client.get(q), gr(best, q))} | – |")
+for q, target in CANCEL_TARGETS.items():
+    p(f"| cancellation latency {q}, ms (running job → CANCELLED) | – | – | {against(cancel_client.get(q), target)} "
+      "| – | – |")
 p()
 p("Latency is measured the same way on both sides: from the submit call to the moment the client has "
   "the result (Celery: `apply_async` → `AsyncResult.get()` over Redis pub/sub; here: `SubmitJob` → "
@@ -164,17 +180,21 @@ names = {
     "rest-throughput": "REST `POST /jobs`, c={c}",
     "grpc-batch": "gRPC, SubmitJobs × {b}, c={c}",
     "grpc-latency": "gRPC, one at a time",
+    "grpc-cancel": "gRPC, cancel a running `sleep`, one at a time",
 }
 for key, label in names.items():
     r = ours[key]
     if not r:
         p(f"| {label.format(c='?', b='?')} | not run | | | | |")
         continue
-    sl = r.get("latency_ms") or {}
+    is_cancel = r["mode"] == "cancel"
+    sl = (r.get("cancel_server_latency_ms") if is_cancel else r.get("latency_ms")) or {}
     ok = "yes" if r["exactly_once"] else (f"**NO**: {r['completed']} COMPLETED, {r['failed']} FAILED, "
                                           f"{r['cancelled']} CANCELLED, {r['unfinished']} unfinished, {r['missing']} missing")
-    p(f"| {label.format(c=r['concurrency'], b=r.get('batch'))} | {r['completed']}/{r['jobs']} | {ok} "
-      f"| {fmt(r['submit_rate'])} | {fmt(r['e2e_rate'])} "
+    done = r["cancelled"] if is_cancel else r["completed"]
+    rates = "– | –" if is_cancel else f"{fmt(r['submit_rate'])} | {fmt(r['e2e_rate'])}"
+    p(f"| {label.format(c=r['concurrency'], b=r.get('batch'))} | {done}/{r['jobs']} | {ok} "
+      f"| {rates} "
       f"| {fmt(sl.get('p50'))} / {fmt(sl.get('p90'))} / {fmt(sl.get('p99'))} / {fmt(sl.get('max'))} |")
 p()
 if lat:
@@ -185,11 +205,21 @@ if lat:
       f"{fmt(lat_client.get('p50', math.nan) - (lat.get('latency_ms') or {}).get('p50', math.nan), 1)} ms of the "
       "median is spent outside the job's recorded lifetime (the submit answer, the watch call, the stream).")
     p()
-p("*exactly once*: every submitted job is COMPLETED and its history holds exactly one transition to "
-  "COMPLETED (checked by `orchctl bench` over every job of the run). *submit /s*: jobs ÷ (first submit sent → "
+if cancel:
+    p(f"Cancellation ({cancel['cancelled']} of {cancel['jobs']} running `sleep` jobs CANCELLED), client side (`CancelJob` "
+      f"call → CANCELLED on the job's WatchJob stream): p50 {fmt(cancel_client.get('p50'), 2)}, "
+      f"p90 {fmt(cancel_client.get('p90'), 2)}, p99 {fmt(cancel_client.get('p99'), 2)}, "
+      f"max {fmt(cancel_client.get('max'), 2)} ms (targets: p50 ≤ {CANCEL_TARGETS['p50']} ms, "
+      f"p99 ≤ {CANCEL_TARGETS['p99']} ms); by the job's own timestamps (`updatedAt` when the cancel was recorded → "
+      f"`finishedAt`): p50 {fmt(cancel_server.get('p50'))}, p99 {fmt(cancel_server.get('p99'))} ms. orchd pushes the "
+      "cancel to the worker that runs the job (its control queue on RabbitMQ); the worker's 250 ms heartbeat poll "
+      "is only the fallback.")
+    p()
+p("*exactly once*: every submitted job is COMPLETED (cancellation scenario: CANCELLED) and its history holds "
+  "exactly one transition to that state (checked by `orchctl bench` over every job of the run). *submit /s*: jobs ÷ (first submit sent → "
   "last submit answered). *end-to-end /s*: jobs ÷ (first submit sent → latest `finishedAt`). *server latency*: "
   "each job's `createdAt → finishedAt` (orchd's clock, millisecond resolution), i.e. mostly queueing time "
-  "under load.")
+  "under load; for the cancellation scenario, `updatedAt` when the cancel was recorded → `finishedAt`.")
 p()
 
 p("## Celery reference (same run, same servers)")
@@ -244,12 +274,14 @@ p("```")
 p()
 p("`bench/run.sh` copies the reference benchmark (`../shared/bench`) to `/tmp/orch-bench-ref`, starts its "
   "Redis and RabbitMQ, builds the release binaries, starts `orchd serve` and the workers on a fresh queue, runs "
-  "`orchctl bench` (throughput over gRPC and REST, SubmitJobs batches, one-at-a-time latency), then Celery and the "
+  "`orchctl bench` (throughput over gRPC and REST, SubmitJobs batches, one-at-a-time latency, cancellation "
+  "latency), then Celery and the "
   "lapin client on the same servers, stops everything and writes this file. By hand, against any orchd:")
 p()
 p("```sh")
 p("orch-worker --queues default,bench-1 &                 # workers must consume the bench queue")
 p("orchctl bench --queue bench-1 -n 10000 --concurrency 64")
 p("orchctl bench --queue bench-1 --latency 500")
+p("orchctl bench --queue bench-1 --cancel 100                # running sleep jobs, cancelled one at a time")
 p("orchctl bench --queue bench-1 --batch 100 --rest http://127.0.0.1:8000 -o json")
 p("```")

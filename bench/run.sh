@@ -6,6 +6,7 @@
 #   bench/run.sh                     # everything (~10-15 min on 2 cores, most of it the release build)
 #   RUN_CELERY=0 RUN_RAW=0 bench/run.sh
 #   N=2000 LATENCY_N=100 OUT=/tmp/b.md bench/run.sh
+#   SCENARIOS=grpc-cancel RUN_CELERY=0 RUN_RAW=0 OUT=/tmp/b.md bench/run.sh   # one scenario
 #
 # Steps: copy the reference benchmark ($REF_SRC, read-only) to $REF; start
 # its Redis (127.0.0.1:6390) and RabbitMQ (127.0.0.1:5690) unless they run
@@ -13,19 +14,25 @@
 # `orch-worker`s consuming a fresh queue bench-<random>; run the scenarios
 # with `orchctl bench -o json`; record the RSS of orchd and the workers
 # during the throughput run; stop them; run Celery (RUN_CELERY=1) and the
-# raw lapin client (RUN_RAW=1); write $OUT with bench/report.py. Every
+# raw lapin client (RUN_RAW=1); write $OUT with bench/report.py (a run
+# with fewer SCENARIOS writes a report with those rows "not run"). Every
 # process started here is stopped on exit (by PID), the services only if
 # this script started them.
 #
 # Settings (environment):
 #   N=10000              jobs per throughput run (Celery gets the same -n)
 #   LATENCY_N=500        jobs of the one-at-a-time latency runs
+#   CANCEL_N=100         running `sleep` jobs cancelled one at a time (cancellation latency)
+#   SCENARIOS="grpc-throughput rest-throughput grpc-batch grpc-latency grpc-cancel"
+#                        which orchctl bench scenarios to run
 #   CONCURRENCY=64       submit calls in flight (orchctl bench --concurrency)
 #   BATCH=100            jobs per SubmitJobs call in the batch scenario
 #   BATCH_CONCURRENCY=8  SubmitJobs calls in flight
 #   WARMUP=500           jobs run through before each measurement (as Celery's warm-up)
 #   WORKERS=2            orch-worker processes
 #   WORKER_CONCURRENCY=8 jobs each worker runs at once (and its prefetch)
+#   WORKER_ARGS=         extra orch-worker flags, e.g. "--cancel-push=false" to
+#                        measure cancellation by the heartbeat poll alone
 #   RUN_CELERY=1         also run the Celery reference (threads c=8, prefork c=2; 1 repeat)
 #   RUN_RAW=1            also run the raw RabbitMQ ceiling (lapin, 1 repeat)
 #   GRPC_PORT=50551 HTTP_PORT=8551   where orchd listens (loopback)
@@ -39,12 +46,16 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 TS=$(date +%Y%m%d-%H%M%S)
 N=${N:-10000}
 LATENCY_N=${LATENCY_N:-500}
+CANCEL_N=${CANCEL_N:-100}
+SCENARIOS=${SCENARIOS:-grpc-throughput rest-throughput grpc-batch grpc-latency grpc-cancel}
 CONCURRENCY=${CONCURRENCY:-64}
 BATCH=${BATCH:-100}
 BATCH_CONCURRENCY=${BATCH_CONCURRENCY:-8}
 WARMUP=${WARMUP:-500}
 WORKERS=${WORKERS:-2}
 WORKER_CONCURRENCY=${WORKER_CONCURRENCY:-8}
+WORKER_ARGS=${WORKER_ARGS:-}
+read -r -a WORKER_ARGV <<<"$WORKER_ARGS"
 RUN_CELERY=${RUN_CELERY:-1}
 RUN_RAW=${RUN_RAW:-1}
 GRPC_PORT=${GRPC_PORT:-50551}
@@ -129,8 +140,9 @@ fi
   echo "erlang=$(dpkg-query -W -f '${Version}' erlang-base 2>/dev/null)"
   echo "commit=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null)$(git -C "$ROOT" diff --quiet 2>/dev/null || echo '+changes')"
   echo "load_start=$(cut -d' ' -f1-3 /proc/loadavg)"
-  echo "n=$N latency_n=$LATENCY_N concurrency=$CONCURRENCY batch=$BATCH batch_concurrency=$BATCH_CONCURRENCY warmup=$WARMUP"
+  echo "n=$N latency_n=$LATENCY_N cancel_n=$CANCEL_N concurrency=$CONCURRENCY batch=$BATCH batch_concurrency=$BATCH_CONCURRENCY warmup=$WARMUP"
   echo "workers=$WORKERS worker_concurrency=$WORKER_CONCURRENCY"
+  echo "worker_args=$WORKER_ARGS"
 } >"$RESULTS/machine.env"
 
 # --- build ----------------------------------------------------------------------
@@ -165,7 +177,7 @@ curl -fsS "$REST/healthz" >/dev/null || die "orchd not healthy after 60 s; see $
 WORKER_PIDS=()
 for i in $(seq 1 "$WORKERS"); do
   "$BIN/orch-worker" --server "$GRPC" --amqp-url "$AMQP_URL" --queues "$QUEUE" \
-    --concurrency "$WORKER_CONCURRENCY" --worker-id "bench-w$i" \
+    --concurrency "$WORKER_CONCURRENCY" --worker-id "bench-w$i" "${WORKER_ARGV[@]}" \
     >"$RESULTS/worker-$i.log" 2>&1 &
   WORKER_PIDS+=("$!")
   PIDS+=("$!")
@@ -183,10 +195,16 @@ rss_line() {
 orchctl() { "$BIN/orchctl" --server "$GRPC" "$@"; }
 
 # One scenario: `orchctl -o json bench ARGS` into $RESULTS/NAME.json; a
-# failed check is reported but does not stop the other scenarios.
+# failed check is reported but does not stop the other scenarios. Scenarios
+# not in $SCENARIOS are skipped.
+wanted() { [[ " $SCENARIOS " == *" $1 "* ]]; }
 scenario() {
   local name=$1
   shift
+  wanted "$name" || {
+    log "scenario $name skipped (not in SCENARIOS)"
+    return 0
+  }
   log "scenario $name: orchctl bench $*"
   local rc=0
   orchctl -o json bench --queue "$QUEUE" "$@" >"$RESULTS/$name.json" 2>"$RESULTS/$name.err" || rc=$?
@@ -194,6 +212,12 @@ scenario() {
   python3 - "$RESULTS/$name.json" <<'PY' >&2 || true
 import json, sys
 r = json.load(open(sys.argv[1]))
+if r["mode"] == "cancel":
+    lat = r.get("cancel_latency_ms") or {}
+    print(f"  cancelled {r['cancelled']}/{r['jobs']} exactly_once={r['exactly_once']} "
+          f"cancel p50 {lat.get('p50', float('nan')):.2f} p99 {lat.get('p99', float('nan')):.2f} "
+          f"max {lat.get('max', float('nan')):.2f} ms")
+    sys.exit(0)
 lat = r.get("client_latency_ms") or r.get("latency_ms") or {}
 print(f"  completed {r['completed']}/{r['jobs']} exactly_once={r['exactly_once']} "
       f"submit {r['submit_rate']:.0f}/s e2e {r['e2e_rate']:.0f}/s "
@@ -206,17 +230,23 @@ orchctl bench --queue "$QUEUE" -n 50 --timeout 60s >/dev/null 2>"$RESULTS/first.
   die "the first jobs did not complete: $(tail -1 "$RESULTS/first.err")"
 rss_line >"$RESULTS/rss-idle.txt"
 
-rss_line >"$RESULTS/rss-throughput.txt"
-(while sleep 0.25; do rss_line; done) >>"$RESULTS/rss-throughput.txt" &
-SAMPLER=$!
+if wanted grpc-throughput; then
+  rss_line >"$RESULTS/rss-throughput.txt"
+  (while sleep 0.25; do rss_line; done) >>"$RESULTS/rss-throughput.txt" &
+  SAMPLER=$!
+fi
 scenario grpc-throughput -n "$N" --concurrency "$CONCURRENCY" --warmup "$WARMUP"
-kill "$SAMPLER" 2>/dev/null || true
-wait "$SAMPLER" 2>/dev/null || true
-SAMPLER=
+if [[ -n $SAMPLER ]]; then
+  kill "$SAMPLER" 2>/dev/null || true
+  wait "$SAMPLER" 2>/dev/null || true
+  SAMPLER=
+fi
 
 scenario rest-throughput -n "$N" --concurrency "$CONCURRENCY" --warmup "$WARMUP" --rest "$REST"
 scenario grpc-batch -n "$N" --batch "$BATCH" --concurrency "$BATCH_CONCURRENCY" --warmup "$WARMUP"
 scenario grpc-latency --latency "$LATENCY_N" --warmup 50
+# Running `sleep` jobs (300 s) cancelled one at a time: CancelJob -> CANCELLED.
+scenario grpc-cancel --cancel "$CANCEL_N" --warmup 5
 rss_line >"$RESULTS/rss-end.txt"
 log "stopping orchd and the workers"
 stop_stack

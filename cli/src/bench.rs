@@ -3,7 +3,9 @@
 //! batches), waits until every one of them is terminal, checks that each
 //! COMPLETED exactly once, and reports the submit rate, the end-to-end
 //! throughput and the latency percentiles. `--latency N` runs one job at a
-//! time instead, to measure the latency of an idle system.
+//! time instead, to measure the latency of an idle system, and `--cancel N`
+//! measures cancellation: one running job at a time is cancelled and timed
+//! until it is CANCELLED.
 //!
 //! ## How completion is detected
 //!
@@ -26,7 +28,10 @@
 //! setup) to the latest `finishedAt`. In latency mode the bench also times
 //! each job on the client: from the submit call to the moment its WatchJob
 //! stream shows it COMPLETED, which is what a caller waiting for a result
-//! sees.
+//! sees. In cancel mode the clock runs from the CancelJob call to the moment
+//! the job's WatchJob stream (opened before the call) shows it CANCELLED;
+//! the server-side figure is the job's own `updatedAt` when the cancel was
+//! recorded → `finishedAt`.
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
@@ -37,8 +42,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use orchestrator::proto::v1::{
-    Job, ListJobsRequest, ListJobsResponse, SubmitJobRequest, SubmitJobsRequest, WatchJobRequest,
-    job::State,
+    CancelJobRequest, Job, ListJobsRequest, ListJobsResponse, SubmitJobRequest, SubmitJobsRequest,
+    WatchJobRequest, job::State,
 };
 use orchestrator::tls::ClientTls;
 use pbjson_types::Struct;
@@ -73,6 +78,13 @@ const MAX_RESPONSE_BYTES: usize = 1 << 30;
 const MAX_PROBLEMS: usize = 20;
 
 const NON_TERMINAL: [State; 3] = [State::Created, State::Running, State::Retrying];
+/// Kind of the jobs unless `--kind` says otherwise.
+pub const DEFAULT_KIND: &str = "noop";
+/// Kind of the jobs of cancel mode unless `--kind` says otherwise.
+pub const DEFAULT_CANCEL_KIND: &str = "sleep";
+/// Payload of the default cancel-mode jobs: long enough that none ends by
+/// itself, short enough that one left behind by a failed run goes away.
+pub const DEFAULT_CANCEL_PAYLOAD: &str = r#"{"seconds": 300}"#;
 
 /// The long help of `orchctl bench`.
 pub const LONG_ABOUT: &str = "\
@@ -91,6 +103,13 @@ until every job is terminal, check that each one COMPLETED exactly once
 WatchJob until it is terminal, then the next) and also reports the latency
 seen by the client, from the submit call to COMPLETED on the stream.
 
+--cancel N measures cancellation latency: N jobs one at a time (default
+`sleep` jobs of 300 s): submit, follow it with WatchJob until it is
+RUNNING, call CancelJob, and time until the stream shows it CANCELLED.
+It reports that client-side latency, and the server's own figure (the
+job's updatedAt when the cancel was recorded -> finishedAt). Every job must
+end CANCELLED.
+
 The jobs go to a new queue `bench-<random>` unless --queue is given, so that
 counting them is cheap and exact: orch-worker must consume that queue, so
 either start the workers with `--queues default,<QUEUE>` and pass the same
@@ -103,8 +122,9 @@ never from when a poll happened.
 A progress bar is drawn on stderr when it is a terminal; the report goes
 to stdout, as a table or, with -o json, as one JSON object.
 
-Exit codes: 0 every job COMPLETED exactly once; 1 (DATA_LOSS) some job
-FAILED, was CANCELLED, is missing, or COMPLETED a wrong number of times;
+Exit codes: 0 every job COMPLETED exactly once (with --cancel: every job
+CANCELLED); 1 (DATA_LOSS) some job FAILED, was CANCELLED (with --cancel:
+was not CANCELLED), is missing, or COMPLETED a wrong number of times;
 5 (DEADLINE_EXCEEDED) jobs still not terminal after --timeout; the report
 is printed in both cases.";
 
@@ -121,11 +141,13 @@ pub struct BenchArgs {
     )]
     pub jobs: u32,
 
-    /// Kind of every job (the built-in `noop` returns at once)
-    #[arg(long, value_name = "KIND", default_value = "noop")]
-    pub kind: String,
+    /// Kind of every job [default: noop, which returns at once; with
+    /// --cancel: sleep]
+    #[arg(long, value_name = "KIND")]
+    pub kind: Option<String>,
 
-    /// Payload of every job: a JSON object
+    /// Payload of every job: a JSON object [with --cancel and no --kind:
+    /// {"seconds": 300}]
     #[arg(long, value_name = "JSON")]
     pub payload: Option<String>,
 
@@ -166,6 +188,16 @@ pub struct BenchArgs {
     )]
     pub latency: Option<u32>,
 
+    /// Cancel mode: N jobs one at a time (submit, wait until it is
+    /// RUNNING, cancel it, time until it is CANCELLED)
+    #[arg(
+        long,
+        value_name = "N",
+        conflicts_with_all = ["jobs", "batch", "concurrency", "latency"],
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub cancel: Option<u32>,
+
     /// Jobs run through the system (and waited for) before measuring
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub warmup: u32,
@@ -183,12 +215,24 @@ pub enum Mode {
     Throughput,
     /// One job at a time: latency.
     Latency,
+    /// One running job at a time, cancelled: cancellation latency.
+    Cancel,
+}
+
+impl Mode {
+    /// The state every job must end in.
+    pub fn expected(self) -> State {
+        match self {
+            Mode::Cancel => State::Cancelled,
+            Mode::Throughput | Mode::Latency => State::Completed,
+        }
+    }
 }
 
 /// The validated settings of a run.
 #[derive(Debug, Clone)]
 pub struct Plan {
-    /// Throughput or latency.
+    /// Throughput, latency or cancel.
     pub mode: Mode,
     /// Measured jobs.
     pub jobs: u32,
@@ -198,7 +242,7 @@ pub struct Plan {
     pub payload: Option<Struct>,
     /// Queue of every job.
     pub queue: String,
-    /// Submit calls in flight (1 in latency mode).
+    /// Submit calls in flight (1 in latency and cancel mode).
     pub concurrency: u32,
     /// Jobs per submit call, when batching.
     pub batch: Option<u32>,
@@ -211,9 +255,22 @@ pub struct Plan {
 impl Plan {
     /// Checks the arguments and fills in the defaults (a fresh queue name).
     pub fn from_args(args: &BenchArgs) -> Result<Plan, CliError> {
-        let payload = args
-            .payload
-            .as_deref()
+        let (mode, jobs, concurrency, batch) = match (args.latency, args.cancel) {
+            (Some(n), _) => (Mode::Latency, n, 1, None),
+            (None, Some(n)) => (Mode::Cancel, n, 1, None),
+            (None, None) => (Mode::Throughput, args.jobs, args.concurrency, args.batch),
+        };
+        let kind = match (&args.kind, mode) {
+            (Some(kind), _) => kind.clone(),
+            (None, Mode::Cancel) => DEFAULT_CANCEL_KIND.to_owned(),
+            (None, _) => DEFAULT_KIND.to_owned(),
+        };
+        let payload = match (&args.payload, &args.kind, mode) {
+            (Some(text), _, _) => Some(text.as_str()),
+            (None, None, Mode::Cancel) => Some(DEFAULT_CANCEL_PAYLOAD),
+            (None, _, _) => None,
+        };
+        let payload = payload
             .map(|text| parse_payload(text, "--payload"))
             .transpose()?;
         let queue = match &args.queue {
@@ -223,14 +280,10 @@ impl Plan {
             Some(q) => q.trim().to_owned(),
             None => fresh_queue_name(),
         };
-        let (mode, jobs, concurrency, batch) = match args.latency {
-            Some(n) => (Mode::Latency, n, 1, None),
-            None => (Mode::Throughput, args.jobs, args.concurrency, args.batch),
-        };
         Ok(Plan {
             mode,
             jobs,
-            kind: args.kind.clone(),
+            kind,
             payload,
             queue,
             concurrency,
@@ -327,33 +380,37 @@ fn wall_clock_ms() -> f64 {
 pub struct Verdict {
     /// Distinct job ids the server returned for the submits.
     pub submitted: usize,
-    /// COMPLETED with exactly one transition to COMPLETED in the history.
+    /// Ended COMPLETED (in the usual modes: with exactly one transition to
+    /// COMPLETED in the history).
     pub completed: usize,
     /// Ended FAILED.
     pub failed: usize,
-    /// Ended CANCELLED.
+    /// Ended CANCELLED (in cancel mode: with exactly one transition to
+    /// CANCELLED in the history).
     pub cancelled: usize,
     /// Still CREATED, RUNNING or RETRYING.
     pub unfinished: usize,
     /// Not found at all.
     pub missing: usize,
-    /// COMPLETED, but with zero or several transitions to COMPLETED.
-    pub completed_not_once: usize,
+    /// Ended in the expected state (COMPLETED; CANCELLED in cancel mode),
+    /// but with zero or several transitions to it.
+    pub ended_not_once: usize,
     /// Submits that returned an id already returned by another submit.
     pub duplicate_ids: usize,
     /// Jobs that needed more than one attempt (allowed: at least once
     /// execution, exactly once completion).
     pub retried: usize,
-    /// Every submitted job COMPLETED exactly once.
+    /// Every submitted job ended in the expected state exactly once.
     pub exactly_once: bool,
     /// The first problems found, one line each.
     pub problems: Vec<String>,
 }
 
-/// Checks that every submitted id names a distinct job that COMPLETED, with
-/// exactly one transition to COMPLETED in its history. `jobs` are the
-/// last known snapshots (any order; other jobs are ignored).
-pub fn check_exactly_once(submitted: &[String], jobs: &[Job]) -> Verdict {
+/// Checks that every submitted id names a distinct job that ended in
+/// `expected` (COMPLETED, or CANCELLED in cancel mode), with exactly one
+/// transition to that state in its history. `jobs` are the last known
+/// snapshots (any order; other jobs are ignored).
+pub fn check_outcome(submitted: &[String], jobs: &[Job], expected: State) -> Verdict {
     let by_id: HashMap<&str, &Job> = jobs.iter().map(|j| (j.id.as_str(), j)).collect();
     let mut v = Verdict::default();
     let problem = |v: &mut Verdict, text: String| {
@@ -362,6 +419,7 @@ pub fn check_exactly_once(submitted: &[String], jobs: &[Job]) -> Verdict {
         }
     };
     let mut seen = HashSet::with_capacity(submitted.len());
+    let mut ok = 0;
     for id in submitted {
         if !seen.insert(id.as_str()) {
             v.duplicate_ids += 1;
@@ -379,30 +437,40 @@ pub fn check_exactly_once(submitted: &[String], jobs: &[Job]) -> Verdict {
         if job.attempt > 1 {
             v.retried += 1;
         }
-        let completions = job
-            .history
-            .iter()
-            .filter(|t| t.to == State::Completed as i32)
-            .count();
-        match State::try_from(job.state) {
-            Ok(State::Completed) if completions == 1 => v.completed += 1,
-            Ok(State::Completed) => {
-                v.completed_not_once += 1;
-                problem(
-                    &mut v,
-                    format!("job {id}: COMPLETED with {completions} transitions to COMPLETED"),
-                );
+        let state = State::try_from(job.state).unwrap_or(State::Unspecified);
+        if state == expected {
+            let name = output::state_name(job.state);
+            match job.history.iter().filter(|t| t.to == job.state).count() {
+                1 => ok += 1,
+                n => {
+                    v.ended_not_once += 1;
+                    problem(
+                        &mut v,
+                        format!("job {id}: {name} with {n} transitions to {name}"),
+                    );
+                    continue;
+                }
             }
-            Ok(State::Failed) => {
+        }
+        match state {
+            State::Completed => {
+                v.completed += 1;
+                if expected != State::Completed {
+                    problem(&mut v, format!("job {id}: COMPLETED"));
+                }
+            }
+            State::Failed => {
                 v.failed += 1;
                 problem(
                     &mut v,
                     format!("job {id}: FAILED: {}", output::clean(&job.error)),
                 );
             }
-            Ok(State::Cancelled) => {
+            State::Cancelled => {
                 v.cancelled += 1;
-                problem(&mut v, format!("job {id}: CANCELLED"));
+                if expected != State::Cancelled {
+                    problem(&mut v, format!("job {id}: CANCELLED"));
+                }
             }
             _ => {
                 v.unfinished += 1;
@@ -414,14 +482,14 @@ pub fn check_exactly_once(submitted: &[String], jobs: &[Job]) -> Verdict {
         }
     }
     v.submitted = seen.len();
-    v.exactly_once = v.completed == submitted.len() && v.completed > 0;
+    v.exactly_once = ok == submitted.len() && ok > 0;
     v
 }
 
 /// Everything a run measured; the JSON of `-o json`.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
-    /// `throughput` or `latency`.
+    /// `throughput`, `latency` or `cancel`.
     pub mode: Mode,
     /// `grpc` or `rest`.
     pub transport: &'static str,
@@ -460,6 +528,12 @@ pub struct Report {
     /// Latency mode: submit call → COMPLETED seen on the WatchJob stream,
     /// in ms (client clock).
     pub client_latency_ms: Option<Latency>,
+    /// Cancel mode: CancelJob call → CANCELLED seen on the WatchJob stream,
+    /// in ms (client clock).
+    pub cancel_latency_ms: Option<Latency>,
+    /// Cancel mode: the job's `updatedAt` when the cancel was recorded →
+    /// `finishedAt`, in ms (server clock, millisecond resolution).
+    pub cancel_server_latency_ms: Option<Latency>,
 }
 
 /// The figures of a run, from what was measured on the client and the
@@ -476,6 +550,10 @@ pub struct Measured {
     pub submit_elapsed: Duration,
     /// Latency mode: client-side latency of each job, in ms.
     pub client_latencies_ms: Vec<f64>,
+    /// Cancel mode: client-side cancellation latency of each job, in ms.
+    pub cancel_latencies_ms: Vec<f64>,
+    /// Cancel mode: server-side cancellation latency of each job, in ms.
+    pub cancel_server_latencies_ms: Vec<f64>,
 }
 
 /// The end-to-end window and per-job latencies of the submitted jobs.
@@ -521,7 +599,7 @@ fn rate(count: usize, seconds: f64) -> f64 {
 impl Report {
     /// Builds the report of a run.
     pub fn new(plan: &Plan, transport: &'static str, endpoint: &str, m: &Measured) -> Report {
-        let verdict = check_exactly_once(&m.ids, &m.jobs);
+        let verdict = check_outcome(&m.ids, &m.jobs, plan.mode.expected());
         let (first_created, last_finished, terminal, latencies) = server_figures(m);
         let submit_seconds = m.submit_elapsed.as_secs_f64();
         let e2e_seconds = if last_finished.is_finite() {
@@ -556,6 +634,8 @@ impl Report {
             server_seconds,
             latency_ms: Latency::of(&latencies),
             client_latency_ms: Latency::of(&m.client_latencies_ms),
+            cancel_latency_ms: Latency::of(&m.cancel_latencies_ms),
+            cancel_server_latency_ms: Latency::of(&m.cancel_server_latencies_ms),
             verdict,
         }
     }
@@ -573,6 +653,7 @@ impl Report {
             self.endpoint,
             match (self.mode, self.batch) {
                 (Mode::Latency, _) => "one at a time".to_owned(),
+                (Mode::Cancel, _) => "one at a time, each cancelled once RUNNING".to_owned(),
                 (Mode::Throughput, Some(b)) =>
                     format!("concurrency {}, batches of {b}", self.concurrency),
                 (Mode::Throughput, None) => format!("concurrency {}", self.concurrency),
@@ -586,16 +667,43 @@ impl Report {
                 v.submitted, v.completed, v.failed, v.cancelled, v.unfinished, v.missing
             ),
         ]);
+        let expected = match self.mode {
+            Mode::Cancel => "CANCELLED",
+            Mode::Throughput | Mode::Latency => "COMPLETED",
+        };
         table.row([
             "exactly once".to_owned(),
             if v.exactly_once {
-                "yes: every job COMPLETED, with one transition to COMPLETED".to_owned()
+                format!("yes: every job {expected}, with one transition to {expected}")
             } else {
                 "NO".to_owned()
             },
         ]);
         if v.retried > 0 {
             table.row(["retried jobs".to_owned(), v.retried.to_string()]);
+        }
+        if let Some(l) = &self.cancel_latency_ms {
+            table.row([
+                "cancel latency, client".to_owned(),
+                format!(
+                    "p50 {:.2}  p90 {:.2}  p99 {:.2}  max {:.2} ms (CancelJob call → CANCELLED seen)",
+                    l.p50, l.p90, l.p99, l.max
+                ),
+            ]);
+        }
+        if let Some(l) = &self.cancel_server_latency_ms {
+            table.row([
+                "cancel latency, server".to_owned(),
+                format!(
+                    "p50 {:.0}  p90 {:.0}  p99 {:.0}  max {:.0} ms (cancel recorded → finishedAt)",
+                    l.p50, l.p90, l.p99, l.max
+                ),
+            ]);
+        }
+        if self.mode == Mode::Cancel {
+            out.push_str(&table.render(""));
+            push_problems(&mut out, v);
+            return out;
         }
         table.row([
             "submit rate".to_owned(),
@@ -630,13 +738,17 @@ impl Report {
             ]);
         }
         out.push_str(&table.render(""));
-        if !v.problems.is_empty() {
-            out.push_str("\nproblems:\n");
-            for p in &v.problems {
-                out.push_str(&format!("  {p}\n"));
-            }
-        }
+        push_problems(&mut out, v);
         out
+    }
+}
+
+fn push_problems(out: &mut String, v: &Verdict) {
+    if !v.problems.is_empty() {
+        out.push_str("\nproblems:\n");
+        for p in &v.problems {
+            out.push_str(&format!("  {p}\n"));
+        }
     }
 }
 
@@ -682,24 +794,117 @@ impl Api {
         }
     }
 
-    /// Follows the job until it is terminal and returns that snapshot.
-    async fn wait_terminal(&self, id: &str) -> Result<Job, CliError> {
+    async fn cancel(&self, id: &str) -> Result<Job, CliError> {
         match self {
             Api::Grpc(c) => {
-                let mut stream = call(c.clone().watch_job(WatchJobRequest {
+                call(c.clone().cancel_job(CancelJobRequest {
+                    job_id: id.to_owned(),
+                }))
+                .await
+            }
+            Api::Rest(r) => {
+                r.send(r.request(reqwest::Method::DELETE, &format!("/jobs/{id}")))
+                    .await
+            }
+        }
+    }
+
+    /// Starts following the job: its current snapshot, then each change.
+    async fn watch(&self, id: &str) -> Result<JobWatch, CliError> {
+        match self {
+            Api::Grpc(c) => {
+                let stream = call(c.clone().watch_job(WatchJobRequest {
                     job_id: id.to_owned(),
                 }))
                 .await?;
-                let mut last = None;
-                while let Some(job) = stream.message().await? {
-                    if output::is_terminal(job.state) {
-                        return Ok(job);
-                    }
-                    last = Some(job.state);
-                }
-                Err(watch_ended(id, last))
+                Ok(JobWatch::Grpc {
+                    id: id.to_owned(),
+                    stream,
+                    last: None,
+                })
             }
-            Api::Rest(r) => r.wait_terminal(id).await,
+            Api::Rest(r) => r.watch(id).await,
+        }
+    }
+
+    /// Follows the job until it is terminal and returns that snapshot.
+    async fn wait_terminal(&self, id: &str) -> Result<Job, CliError> {
+        self.watch(id).await?.until(output::is_terminal).await
+    }
+}
+
+/// One job's WatchJob stream, over either API.
+enum JobWatch {
+    Grpc {
+        id: String,
+        stream: tonic::Streaming<Job>,
+        last: Option<i32>,
+    },
+    Rest {
+        id: String,
+        rest: Rest,
+        response: reqwest::Response,
+        buffer: Vec<u8>,
+        last: Option<i32>,
+    },
+}
+
+impl JobWatch {
+    /// The next snapshot; an error when the stream ends before the job is
+    /// terminal.
+    async fn next(&mut self) -> Result<Job, CliError> {
+        match self {
+            JobWatch::Grpc { id, stream, last } => match stream.message().await? {
+                Some(job) => {
+                    *last = Some(job.state);
+                    Ok(job)
+                }
+                None => Err(watch_ended(id, *last)),
+            },
+            JobWatch::Rest {
+                id,
+                rest,
+                response,
+                buffer,
+                last,
+            } => loop {
+                while let Some(end) = buffer.iter().position(|&b| b == b'\n') {
+                    let line: Vec<u8> = buffer.drain(..=end).collect();
+                    let line = line.trim_ascii();
+                    if line.is_empty() {
+                        continue;
+                    }
+                    let mut value: serde_json::Value = serde_json::from_slice(line)?;
+                    if let Some(error) = value.get("error") {
+                        let error: RestError = serde_json::from_value(error.clone())?;
+                        return Err(CliError::Rpc(tonic::Status::new(
+                            Code::from(error.code),
+                            error.message,
+                        )));
+                    }
+                    let job: Job = serde_json::from_value(value["result"].take())?;
+                    *last = Some(job.state);
+                    return Ok(job);
+                }
+                match response
+                    .chunk()
+                    .await
+                    .map_err(|e| rest.transport_error(&e))?
+                {
+                    Some(chunk) => buffer.extend_from_slice(&chunk),
+                    None => return Err(watch_ended(id, *last)),
+                }
+            },
+        }
+    }
+
+    /// Reads snapshots until one satisfies `done`, and returns it.
+    async fn until(mut self, done: impl Fn(i32) -> bool) -> Result<Job, CliError> {
+        loop {
+            let job = self.next().await?;
+            if done(job.state) {
+                return Ok(job);
+            }
         }
     }
 }
@@ -855,9 +1060,8 @@ impl Rest {
             .await
     }
 
-    /// Reads the NDJSON stream of `GET /jobs/{id}:watch` until the job is
-    /// terminal.
-    async fn wait_terminal(&self, id: &str) -> Result<Job, CliError> {
+    /// Opens the NDJSON stream of `GET /jobs/{id}:watch`.
+    async fn watch(&self, id: &str) -> Result<JobWatch, CliError> {
         let response = tokio::time::timeout(
             CALL_TIMEOUT,
             self.request(reqwest::Method::GET, &format!("/jobs/{id}:watch"))
@@ -871,37 +1075,13 @@ impl Rest {
             let body = response.bytes().await.unwrap_or_default();
             return Err(rest_error(status, &body));
         }
-        let mut response = response;
-        let mut buffer: Vec<u8> = Vec::new();
-        let mut last = None;
-        while let Some(chunk) = response
-            .chunk()
-            .await
-            .map_err(|e| self.transport_error(&e))?
-        {
-            buffer.extend_from_slice(&chunk);
-            while let Some(end) = buffer.iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = buffer.drain(..=end).collect();
-                let line = line.trim_ascii();
-                if line.is_empty() {
-                    continue;
-                }
-                let mut value: serde_json::Value = serde_json::from_slice(line)?;
-                if let Some(error) = value.get("error") {
-                    let error: RestError = serde_json::from_value(error.clone())?;
-                    return Err(CliError::Rpc(tonic::Status::new(
-                        Code::from(error.code),
-                        error.message,
-                    )));
-                }
-                let job: Job = serde_json::from_value(value["result"].take())?;
-                if output::is_terminal(job.state) {
-                    return Ok(job);
-                }
-                last = Some(job.state);
-            }
-        }
-        Err(watch_ended(id, last))
+        Ok(JobWatch::Rest {
+            id: id.to_owned(),
+            rest: self.clone(),
+            response,
+            buffer: Vec::new(),
+            last: None,
+        })
     }
 }
 
@@ -1109,7 +1289,7 @@ async fn wait_all_terminal(
 }
 
 fn timed_out(plan: &Plan, jobs: &[Job], ids: &[String]) -> CliError {
-    let verdict = check_exactly_once(ids, jobs);
+    let verdict = check_outcome(ids, jobs, plan.mode.expected());
     let waiting = jobs
         .iter()
         .filter(|j| j.state == State::Created as i32)
@@ -1158,6 +1338,8 @@ async fn run_throughput(api: &Api, plan: &Plan) -> Result<(Measured, bool), CliE
             first_submit_ms,
             submit_elapsed,
             client_latencies_ms: Vec::new(),
+            cancel_latencies_ms: Vec::new(),
+            cancel_server_latencies_ms: Vec::new(),
         },
         all,
     ))
@@ -1215,9 +1397,112 @@ async fn run_latency(api: &Api, plan: &Plan) -> Result<(Measured, bool), CliErro
             first_submit_ms,
             submit_elapsed,
             client_latencies_ms: latencies,
+            cancel_latencies_ms: Vec::new(),
+            cancel_server_latencies_ms: Vec::new(),
         },
         true,
     ))
+}
+
+/// How long one cancellation took.
+struct CancelTiming {
+    /// CancelJob call → CANCELLED seen on the stream (client clock).
+    client_ms: f64,
+    /// The job's `updatedAt` when the cancel was recorded → `finishedAt`.
+    server_ms: Option<f64>,
+}
+
+/// Cancel mode: one job at a time is submitted, followed on its WatchJob
+/// stream until it is RUNNING, cancelled, and followed until it is
+/// terminal. A job that ends before it is RUNNING is not cancelled (the
+/// verdict reports it).
+async fn run_cancel(api: &Api, plan: &Plan) -> Result<(Measured, bool), CliError> {
+    let one = |api: &Api| {
+        let api = api.clone();
+        let spec = plan.spec();
+        async move {
+            let job = api.submit(spec).await?;
+            let id = job.id.clone();
+            let cancel = async {
+                let mut watch = api.watch(&id).await?;
+                loop {
+                    let seen = watch.next().await?;
+                    if seen.state == State::Running as i32 {
+                        break;
+                    }
+                    if output::is_terminal(seen.state) {
+                        return Ok((seen, None));
+                    }
+                }
+                let asked = Instant::now();
+                let recorded = match api.cancel(&id).await {
+                    Ok(job) => job,
+                    // It ended by itself just before: the verdict says so.
+                    Err(CliError::Rpc(status)) if status.code() == Code::FailedPrecondition => {
+                        return Ok((watch.until(output::is_terminal).await?, None));
+                    }
+                    Err(e) => return Err(e),
+                };
+                let done = watch.until(output::is_terminal).await?;
+                let client_ms = asked.elapsed().as_secs_f64() * 1000.0;
+                if done.state != State::Cancelled as i32 {
+                    return Ok((done, None));
+                }
+                let server_ms = timestamp_ms(recorded.updated_at.as_ref())
+                    .zip(timestamp_ms(done.finished_at.as_ref()))
+                    .map(|(from, to)| to - from);
+                Ok::<_, CliError>((
+                    done,
+                    Some(CancelTiming {
+                        client_ms,
+                        server_ms,
+                    }),
+                ))
+            };
+            tokio::time::timeout(plan.timeout, cancel)
+                .await
+                .map_err(|_| {
+                    timed_out(
+                        plan,
+                        std::slice::from_ref(&job),
+                        std::slice::from_ref(&job.id),
+                    )
+                })?
+        }
+    };
+    if plan.warmup > 0 {
+        let bar = progress(u64::from(plan.warmup), "warm-up");
+        for _ in 0..plan.warmup {
+            one(api).await?;
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+    }
+    let bar = progress(u64::from(plan.jobs), "cancelled");
+    let first_submit_ms = wall_clock_ms();
+    let started = Instant::now();
+    let mut measured = Measured {
+        ids: Vec::with_capacity(plan.jobs as usize),
+        jobs: Vec::with_capacity(plan.jobs as usize),
+        first_submit_ms,
+        submit_elapsed: Duration::ZERO,
+        client_latencies_ms: Vec::new(),
+        cancel_latencies_ms: Vec::with_capacity(plan.jobs as usize),
+        cancel_server_latencies_ms: Vec::with_capacity(plan.jobs as usize),
+    };
+    for _ in 0..plan.jobs {
+        let (job, timing) = one(api).await?;
+        measured.ids.push(job.id.clone());
+        measured.jobs.push(job);
+        if let Some(timing) = timing {
+            measured.cancel_latencies_ms.push(timing.client_ms);
+            measured.cancel_server_latencies_ms.extend(timing.server_ms);
+        }
+        bar.inc(1);
+    }
+    measured.submit_elapsed = started.elapsed();
+    bar.finish_and_clear();
+    Ok((measured, true))
 }
 
 /// `orchctl bench`: runs the benchmark, prints the report, and fails when
@@ -1244,6 +1529,7 @@ pub async fn bench(g: &Global, args: &BenchArgs, out: &mut impl Write) -> Result
     let (measured, all_terminal) = match plan.mode {
         Mode::Throughput => run_throughput(&api, &plan).await?,
         Mode::Latency => run_latency(&api, &plan).await?,
+        Mode::Cancel => run_cancel(&api, &plan).await?,
     };
     let report = Report::new(&plan, transport, &endpoint, &measured);
     let text = match g.output {
@@ -1257,16 +1543,19 @@ pub async fn bench(g: &Global, args: &BenchArgs, out: &mut impl Write) -> Result
     }
     let v = &report.verdict;
     if !v.exactly_once {
+        let (ok, expected, other, other_count) = match plan.mode {
+            Mode::Cancel => (v.cancelled, "end CANCELLED", "COMPLETED", v.completed),
+            Mode::Throughput | Mode::Latency => (v.completed, "complete", "CANCELLED", v.cancelled),
+        };
         return Err(CliError::Rpc(tonic::Status::data_loss(format!(
-            "bench: {} of {} jobs did not complete exactly once ({} FAILED, {} CANCELLED, \
-             {} unfinished, {} missing, {} with a wrong number of completions, {} duplicate ids)",
-            measured.ids.len() - v.completed,
+            "bench: {} of {} jobs did not {expected} exactly once ({} FAILED, {other_count} {other}, \
+             {} unfinished, {} missing, {} with a wrong number of transitions to it, {} duplicate ids)",
+            measured.ids.len().saturating_sub(ok),
             measured.ids.len(),
             v.failed,
-            v.cancelled,
             v.unfinished,
             v.missing,
-            v.completed_not_once,
+            v.ended_not_once,
             v.duplicate_ids
         ))));
     }
@@ -1367,7 +1656,7 @@ mod tests {
             job("b", State::Completed, 1001, 7),
             job("unrelated", State::Failed, 900, 1),
         ];
-        let v = check_exactly_once(&ids(&["a", "b"]), &jobs);
+        let v = check_outcome(&ids(&["a", "b"]), &jobs, State::Completed);
         assert!(v.exactly_once, "{v:?}");
         assert_eq!((v.submitted, v.completed), (2, 2));
         assert_eq!(v.failed + v.cancelled + v.unfinished + v.missing, 0);
@@ -1406,7 +1695,7 @@ mod tests {
             "gone",
             "ok",
         ]);
-        let v = check_exactly_once(&submitted, &jobs);
+        let v = check_outcome(&submitted, &jobs, State::Completed);
         assert!(!v.exactly_once);
         assert_eq!(v.submitted, 9, "distinct ids");
         assert_eq!(v.completed, 2, "ok and retried");
@@ -1415,7 +1704,7 @@ mod tests {
         assert_eq!(v.cancelled, 1);
         assert_eq!(v.unfinished, 2);
         assert_eq!(v.missing, 1);
-        assert_eq!(v.completed_not_once, 2);
+        assert_eq!(v.ended_not_once, 2);
         assert_eq!(v.duplicate_ids, 1);
         assert_eq!(v.problems.len(), 8);
         assert!(v.problems.iter().any(|p| p == "job gone: not found"));
@@ -1428,7 +1717,8 @@ mod tests {
 
     #[test]
     fn nothing_submitted_is_not_exactly_once() {
-        assert!(!check_exactly_once(&[], &[]).exactly_once);
+        assert!(!check_outcome(&[], &[], State::Completed).exactly_once);
+        assert!(!check_outcome(&[], &[], State::Cancelled).exactly_once);
     }
 
     #[test]
@@ -1446,6 +1736,8 @@ mod tests {
             first_submit_ms: 9_999.0,
             submit_elapsed: Duration::from_millis(500),
             client_latencies_ms: Vec::new(),
+            cancel_latencies_ms: Vec::new(),
+            cancel_server_latencies_ms: Vec::new(),
         };
         let r = Report::new(&plan, "grpc", "http://h:1", &measured);
         assert!(r.verdict.exactly_once);
@@ -1472,13 +1764,15 @@ mod tests {
     fn bench_defaults() {
         let b = parse(&[]).unwrap();
         assert_eq!(b.jobs, 10_000);
-        assert_eq!(b.kind, "noop");
+        assert_eq!(b.kind, None);
         assert_eq!(b.concurrency, 64);
         assert!(b.payload.is_none() && b.queue.is_none() && b.rest.is_none());
-        assert!(b.batch.is_none() && b.latency.is_none());
+        assert!(b.batch.is_none() && b.latency.is_none() && b.cancel.is_none());
         assert_eq!(b.warmup, 0);
         let plan = Plan::from_args(&b).unwrap();
         assert_eq!(plan.mode, Mode::Throughput);
+        assert_eq!(plan.kind, "noop");
+        assert!(plan.payload.is_none());
         assert!(plan.queue.starts_with("bench-") && plan.queue.len() == 18);
         assert_ne!(
             plan.queue,
@@ -1534,6 +1828,109 @@ mod tests {
             let err = parse(&args).unwrap_err();
             assert_eq!(err.kind(), clap::error::ErrorKind::ArgumentConflict);
         }
+    }
+
+    #[test]
+    fn cancel_mode_cancels_long_sleeps_one_at_a_time() {
+        let plan = Plan::from_args(&parse(&["--cancel", "100"]).unwrap()).unwrap();
+        assert_eq!(plan.mode, Mode::Cancel);
+        assert_eq!(plan.mode.expected(), State::Cancelled);
+        assert_eq!((plan.jobs, plan.concurrency, plan.batch), (100, 1, None));
+        assert_eq!(plan.kind, "sleep");
+        let payload = plan.spec().payload.unwrap();
+        assert_eq!(
+            payload.fields["seconds"].kind,
+            Some(pbjson_types::value::Kind::NumberValue(300.0))
+        );
+        // A kind of one's own comes with no default payload.
+        let plan = Plan::from_args(&parse(&["--cancel", "1", "--kind", "wait"]).unwrap()).unwrap();
+        assert_eq!((plan.kind.as_str(), plan.payload), ("wait", None));
+        let plan =
+            Plan::from_args(&parse(&["--cancel", "1", "--payload", r#"{"seconds": 9}"#]).unwrap())
+                .unwrap();
+        assert_eq!(plan.kind, "sleep");
+        assert!(plan.spec().payload.unwrap().fields.contains_key("seconds"));
+        for conflicting in [
+            ["-n", "5"],
+            ["--batch", "5"],
+            ["--concurrency", "5"],
+            ["--latency", "5"],
+        ] {
+            let mut args = vec!["--cancel", "5"];
+            args.extend(conflicting);
+            let err = parse(&args).unwrap_err();
+            assert_eq!(err.kind(), clap::error::ErrorKind::ArgumentConflict);
+        }
+        assert!(parse(&["--cancel", "0"]).is_err());
+    }
+
+    #[test]
+    fn in_cancel_mode_only_cancelled_jobs_pass() {
+        let jobs = vec![
+            job("c", State::Cancelled, 0, 1),
+            job("done", State::Completed, 0, 1),
+            job("running", State::Running, 0, 1),
+        ];
+        let v = check_outcome(&ids(&["c"]), &jobs, State::Cancelled);
+        assert!(v.exactly_once, "{v:?}");
+        assert_eq!((v.cancelled, v.completed), (1, 0));
+        assert!(v.problems.is_empty());
+        let v = check_outcome(&ids(&["c", "done", "running"]), &jobs, State::Cancelled);
+        assert!(!v.exactly_once);
+        assert_eq!((v.cancelled, v.completed, v.unfinished), (1, 1, 1));
+        assert_eq!(
+            v.problems,
+            ["job done: COMPLETED", "job running: still RUNNING"]
+        );
+        let mut twice = job("twice", State::Cancelled, 0, 1);
+        twice
+            .history
+            .push(transition(State::Running, State::Cancelled));
+        let v = check_outcome(&ids(&["twice"]), &[twice], State::Cancelled);
+        assert!(!v.exactly_once);
+        assert_eq!((v.cancelled, v.ended_not_once), (0, 1));
+        assert_eq!(
+            v.problems,
+            ["job twice: CANCELLED with 2 transitions to CANCELLED"]
+        );
+    }
+
+    #[test]
+    fn a_cancel_report_shows_cancellation_latency() {
+        let plan = Plan::from_args(&parse(&["--cancel", "2", "--queue", "q"]).unwrap()).unwrap();
+        let measured = Measured {
+            ids: ids(&["a", "b"]),
+            jobs: vec![
+                job("a", State::Cancelled, 10_000, 500),
+                job("b", State::Cancelled, 11_000, 500),
+            ],
+            first_submit_ms: 9_999.0,
+            submit_elapsed: Duration::from_secs(2),
+            client_latencies_ms: Vec::new(),
+            cancel_latencies_ms: vec![12.5, 7.25],
+            cancel_server_latencies_ms: vec![5.0, 9.0],
+        };
+        let r = Report::new(&plan, "grpc", "http://h:1", &measured);
+        assert!(r.verdict.exactly_once);
+        assert!(r.latency_ms.is_none(), "no job COMPLETED");
+        let client = r.cancel_latency_ms.clone().unwrap();
+        assert_eq!((client.p50, client.max, client.samples), (7.25, 12.5, 2));
+        let server = r.cancel_server_latency_ms.clone().unwrap();
+        assert_eq!((server.p50, server.p99), (5.0, 9.0));
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["mode"], "cancel");
+        assert_eq!(json["kind"], "sleep");
+        assert_eq!(json["cancelled"], 2);
+        assert_eq!(json["cancel_latency_ms"]["p99"], 12.5);
+        assert_eq!(json["cancel_server_latency_ms"]["max"], 9.0);
+        let table = r.table();
+        assert!(
+            table.contains("every job CANCELLED, with one transition to CANCELLED"),
+            "{table}"
+        );
+        assert!(table.contains("cancel latency, client"), "{table}");
+        assert!(table.contains("p50 7.25"), "{table}");
+        assert!(!table.contains("submit rate"), "{table}");
     }
 
     #[test]

@@ -103,7 +103,7 @@ fn check_success(report: &Value, n: u64) {
         "cancelled",
         "unfinished",
         "missing",
-        "completed_not_once",
+        "ended_not_once",
         "duplicate_ids",
     ] {
         assert_eq!(report[zero], 0, "{zero} in {report:#}");
@@ -175,6 +175,47 @@ async fn latency_mode_runs_one_job_at_a_time() {
         check_latency(&report["client_latency_ms"], 5);
         assert!(number(&report["client_latency_ms"], "min") > 0.0);
     }
+    orchd.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_mode_cancels_every_running_job() {
+    let orchd = Orchd::start().await;
+    for transport in [vec![], vec!["--rest", orchd.rest.as_str()]] {
+        let mut args = vec!["--cancel", "4", "--warmup", "1"];
+        args.extend(transport.iter().copied());
+        let (code, report) = orchd.bench_json(&args).await;
+        assert_eq!(code, 0, "{report:#}");
+        assert_eq!(report["mode"], "cancel");
+        assert_eq!(report["kind"], "sleep");
+        assert_eq!(report["concurrency"], 1);
+        assert_eq!(report["cancelled"], 4, "{report:#}");
+        assert_eq!(report["completed"], 0, "{report:#}");
+        assert_eq!(report["exactly_once"], true, "{report:#}");
+        assert_eq!(report["problems"], Value::Array(vec![]), "{report:#}");
+        check_latency(&report["cancel_latency_ms"], 4);
+        check_latency(&report["cancel_server_latency_ms"], 4);
+        assert!(number(&report["cancel_latency_ms"], "min") > 0.0);
+        assert_eq!(report["latency_ms"], Value::Null, "no job COMPLETED");
+    }
+    orchd.stop().await;
+}
+
+/// A kind that ends by itself before it could be cancelled fails the
+/// check: every job of a cancel run must end CANCELLED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_mode_fails_when_jobs_end_by_themselves() {
+    let orchd = Orchd::start().await;
+    let (code, report) = orchd.bench_json(&["--cancel", "2", "--kind", "noop"]).await;
+    assert_eq!(code, 1, "{report:#}");
+    assert_eq!(report["exactly_once"], false, "{report:#}");
+    assert_eq!(report["completed"], 2, "{report:#}");
+    assert_eq!(report["cancel_latency_ms"], Value::Null, "{report:#}");
+    let problems = report["problems"].as_array().unwrap();
+    assert!(
+        problems[0].as_str().unwrap().ends_with(": COMPLETED"),
+        "{problems:?}"
+    );
     orchd.stop().await;
 }
 

@@ -8,12 +8,16 @@
 //! publishes the job. Claims are taken atomically in the store, so replicas
 //! never publish the same entry at the same time; a duplicate after a
 //! crash is harmless because workers are fenced by the lease.
+//!
+//! It also pushes cancellations to the worker that runs a job (a control
+//! message on the queue, best effort: the worker's heartbeat poll is the
+//! fallback), off the caller's path.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use orchestrator::job::{ms_to_timestamp, now_ms};
-use orchestrator::proto::v1::{DispatchMessage, Job};
+use orchestrator::proto::v1::{ControlMessage, DispatchMessage, Job, control_message::Action};
 use orchestrator::queue::JobQueue;
 use orchestrator::store::{DueJob, JobStore};
 use tokio_util::sync::CancellationToken;
@@ -80,6 +84,34 @@ impl Dispatcher {
         };
         let this = self.clone();
         tokio::spawn(async move { this.publish(due).await });
+    }
+
+    /// Tells the worker running `job` (RUNNING, with its cancel requested)
+    /// to stop its attempt, in the background. Nothing waits for it and a
+    /// failure is only logged: the worker also learns of the cancel from
+    /// its next heartbeat.
+    pub fn push_cancel(&self, job: &Job) {
+        if job.worker_id.is_empty() {
+            return;
+        }
+        let message = ControlMessage {
+            action: Action::Cancel as i32,
+            job_id: job.id.clone(),
+            attempt: job.attempt,
+            sent_at: Some(ms_to_timestamp(now_ms())),
+        };
+        let worker_id = job.worker_id.clone();
+        let queue = self.queue.clone();
+        tokio::spawn(async move {
+            match queue.send_control(&worker_id, &message).await {
+                Ok(()) => {
+                    tracing::debug!(job_id = %message.job_id, worker_id = %worker_id, attempt = message.attempt, "cancel pushed to the worker")
+                }
+                Err(e) => {
+                    tracing::warn!(job_id = %message.job_id, worker_id = %worker_id, error = %e, "could not push the cancel; the worker's heartbeat will see it")
+                }
+            }
+        });
     }
 
     /// Publishes one claimed entry and acknowledges it in the store.

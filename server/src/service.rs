@@ -173,7 +173,9 @@ impl JobService {
     }
 
     /// Cancels a job: at once when it has not started or waits for a retry,
-    /// by request to its worker when it runs; idempotent on CANCELLED. The
+    /// by request to its worker when it runs (recorded as `cancel_requested`,
+    /// which the worker's heartbeats report, and pushed to the worker at
+    /// once); idempotent on CANCELLED. The
     /// history records `caller`'s name ("cancelled by NAME", or a RUNNING
     /// entry "cancel requested by NAME") unless it is anonymous.
     pub async fn cancel(&self, job_id: &str, caller: &Caller) -> Result<Job> {
@@ -195,7 +197,11 @@ impl JobService {
                         message: "only CREATED, RETRYING or RUNNING jobs can be cancelled".into(),
                     });
                 }
-                State::Running if job.cancel_requested => return Ok(job),
+                State::Running if job.cancel_requested => {
+                    // Asked again: push again, in case the first push was lost.
+                    self.dispatcher.push_cancel(&job);
+                    return Ok(job);
+                }
                 State::Running => Change {
                     expect: Some(State::Running),
                     to: Some(State::Running),
@@ -238,6 +244,9 @@ impl JobService {
             match self.store.apply(id, &change).await? {
                 Applied::Done(job) => {
                     tracing::info!(job_id = %id, from = %current, by = caller.actor().unwrap_or("-"), "cancel applied");
+                    if current == State::Running {
+                        self.dispatcher.push_cancel(&job);
+                    }
                     return Ok(*job);
                 }
                 Applied::NotFound => return Err(Error::NotFound(id.to_string())),

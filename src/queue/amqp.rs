@@ -3,6 +3,11 @@
 //!
 //! Publishes run concurrently on the channel; each waits only for its own
 //! confirm, so throughput is not bounded by one confirm round trip.
+//!
+//! Control messages (pushed cancellations) go out on a second channel of
+//! the same connection without confirms: they are best effort by design
+//! (workers poll as well), and a confirm channel would keep every confirm
+//! nobody waits for.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -15,7 +20,7 @@ use tokio::sync::Mutex;
 
 use super::{JobQueue, message, topology};
 use crate::error::{Error, Result};
-use crate::proto::v1::DispatchMessage;
+use crate::proto::v1::{ControlMessage, DispatchMessage};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
@@ -28,9 +33,12 @@ pub struct AmqpQueue {
 }
 
 struct Live {
-    // Kept so the connection lives as long as the channel.
+    // Kept so the connection lives as long as the channels.
     _connection: Connection,
+    /// Dispatches, with publisher confirms.
     channel: Channel,
+    /// Control messages, without confirms.
+    control: Channel,
     declared: HashSet<String>,
 }
 
@@ -97,13 +105,14 @@ impl AmqpQueue {
         }
     }
 
-    /// The channel, connecting first when there is none or it broke, with
-    /// the queue of `namespace`'s `queue` declared on it.
-    async fn channel_for(&self, namespace: &str, queue: &str) -> Result<Channel> {
+    /// The connection's channels, connecting first when there are none or
+    /// one broke; declares the job queue `(namespace, queue)` first when it
+    /// is given and not declared on this connection yet.
+    async fn channels(&self, queue: Option<(&str, &str)>) -> Result<(Channel, Channel)> {
         let mut live = self.live.lock().await;
         if live
             .as_ref()
-            .is_some_and(|l| !l.channel.status().connected())
+            .is_some_and(|l| !l.channel.status().connected() || !l.control.status().connected())
         {
             tracing::warn!("rabbitmq channel lost; reconnecting");
             *live = None;
@@ -115,20 +124,29 @@ impl AmqpQueue {
                 .confirm_select(ConfirmSelectOptions::default())
                 .await?;
             topology::declare_base(&channel).await?;
+            let control = connection.create_channel().await?;
             tracing::info!("connected to rabbitmq");
             *live = Some(Live {
                 _connection: connection,
                 channel,
+                control,
                 declared: HashSet::new(),
             });
         }
         let live = live.as_mut().expect("connected above");
-        let key = topology::routing_key(namespace, queue);
-        if !live.declared.contains(&key) {
-            topology::declare_job_queue(&live.channel, namespace, queue).await?;
-            live.declared.insert(key);
+        if let Some((namespace, queue)) = queue {
+            let key = topology::routing_key(namespace, queue);
+            if !live.declared.contains(&key) {
+                topology::declare_job_queue(&live.channel, namespace, queue).await?;
+                live.declared.insert(key);
+            }
         }
-        Ok(live.channel.clone())
+        Ok((live.channel.clone(), live.control.clone()))
+    }
+
+    /// The dispatch channel, with `namespace`'s `queue` declared.
+    async fn channel_for(&self, namespace: &str, queue: &str) -> Result<Channel> {
+        Ok(self.channels(Some((namespace, queue))).await?.0)
     }
 
     async fn reset(&self) {
@@ -188,6 +206,34 @@ impl JobQueue for AmqpQueue {
             Err(e) => {
                 self.reset().await;
                 Err(e.into())
+            }
+        }
+    }
+
+    async fn send_control(&self, worker_id: &str, msg: &ControlMessage) -> Result<()> {
+        let (_, control) = self.channels(None).await?;
+        let properties = BasicProperties::default()
+            .with_delivery_mode(1)
+            .with_content_type(message::CONTENT_TYPE.into())
+            .with_message_id(msg.job_id.as_str().into());
+        let body = message::encode_control(msg);
+        let publish = control.basic_publish(
+            topology::CONTROL_EXCHANGE.into(),
+            worker_id.into(),
+            BasicPublishOptions::default(),
+            &body,
+            properties,
+        );
+        // Not confirmed: this returns once the frames are on their way.
+        match tokio::time::timeout(CONFIRM_TIMEOUT, publish).await {
+            Ok(Ok(_not_requested)) => Ok(()),
+            Ok(Err(e)) => {
+                self.reset().await;
+                Err(e.into())
+            }
+            Err(_) => {
+                self.reset().await;
+                Err(unavailable("control message not sent within 10s"))
             }
         }
     }

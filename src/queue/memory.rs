@@ -4,16 +4,21 @@
 //! Nothing here is durable, and nothing needs to be: the store's due-set is
 //! the record of what must be dispatched, and `orchd dev` re-dispatches
 //! every CREATED or RETRYING job when it starts.
+//!
+//! Control messages go to the worker that subscribed under the message's
+//! worker id, like the per-worker control queues on RabbitMQ; with no such
+//! subscriber they are dropped.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc};
 
 use super::{JobQueue, message};
 use crate::error::Result;
-use crate::proto::v1::DispatchMessage;
+use crate::proto::v1::{ControlMessage, DispatchMessage};
 
 /// One message taken from the queue.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,6 +39,45 @@ pub struct MemoryQueue {
 struct Inner {
     queues: Mutex<HashMap<String, VecDeque<Vec<u8>>>>,
     notify: Notify,
+    control: Mutex<HashMap<String, Subscriber>>,
+    subscriptions: AtomicU64,
+}
+
+struct Subscriber {
+    /// Tells this subscription from a later one under the same worker id.
+    id: u64,
+    sender: mpsc::UnboundedSender<ControlMessage>,
+}
+
+/// The control messages of one worker, from [`MemoryQueue::subscribe_control`];
+/// unsubscribes when dropped.
+pub struct ControlSubscription {
+    queue: MemoryQueue,
+    worker_id: String,
+    id: u64,
+    receiver: mpsc::UnboundedReceiver<ControlMessage>,
+}
+
+impl ControlSubscription {
+    /// The next control message for this worker.
+    pub async fn recv(&mut self) -> Option<ControlMessage> {
+        self.receiver.recv().await
+    }
+}
+
+impl Drop for ControlSubscription {
+    fn drop(&mut self) {
+        if let Ok(mut control) = self.queue.inner.control.lock() {
+            // Only our own entry: a later subscription under the same id
+            // (which real worker ids never reuse) is left alone.
+            if control
+                .get(&self.worker_id)
+                .is_some_and(|s| s.id == self.id)
+            {
+                control.remove(&self.worker_id);
+            }
+        }
+    }
 }
 
 impl MemoryQueue {
@@ -101,6 +145,22 @@ impl MemoryQueue {
     pub fn is_empty(&self, queue: &str) -> bool {
         self.len(queue) == 0
     }
+
+    /// Receives the control messages sent to `worker_id` from now on, until
+    /// the subscription is dropped.
+    pub fn subscribe_control(&self, worker_id: &str) -> ControlSubscription {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let id = self.inner.subscriptions.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut control) = self.inner.control.lock() {
+            control.insert(worker_id.to_owned(), Subscriber { id, sender });
+        }
+        ControlSubscription {
+            queue: self.clone(),
+            worker_id: worker_id.to_owned(),
+            id,
+            receiver,
+        }
+    }
 }
 
 #[async_trait]
@@ -110,6 +170,21 @@ impl JobQueue for MemoryQueue {
             &crate::queue::topology::routing_key_of(msg),
             message::encode(msg),
         );
+        Ok(())
+    }
+
+    async fn send_control(&self, worker_id: &str, msg: &ControlMessage) -> Result<()> {
+        let sender = self
+            .inner
+            .control
+            .lock()
+            .ok()
+            .and_then(|control| control.get(worker_id).map(|s| s.sender.clone()));
+        if let Some(sender) = sender {
+            // Fails only when the worker is just going away: dropped, as an
+            // unroutable message would be.
+            let _ = sender.send(msg.clone());
+        }
         Ok(())
     }
 
@@ -184,6 +259,34 @@ mod tests {
         let mut got = vec![q.receive(&[], 0).await.queue, q.receive(&[], 1).await.queue];
         got.sort();
         assert_eq!(got, [key("x"), key("y")]);
+    }
+
+    #[tokio::test]
+    async fn control_messages_reach_only_their_worker_while_it_listens() {
+        let q = MemoryQueue::new();
+        let cancel = |attempt| ControlMessage {
+            job_id: uuid::Uuid::new_v4().to_string(),
+            attempt,
+            ..ControlMessage::default()
+        };
+        // Nobody listens yet: dropped, not an error.
+        q.send_control("w1", &cancel(1)).await.unwrap();
+        let mut w1 = q.subscribe_control("w1");
+        let mut w2 = q.subscribe_control("w2");
+        let sent = cancel(2);
+        q.send_control("w1", &sent).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(1), w1.recv())
+            .await
+            .unwrap();
+        assert_eq!(
+            got,
+            Some(sent),
+            "the message sent before subscribing is gone"
+        );
+        assert!(w2.receiver.try_recv().is_err(), "w2 got nothing");
+        drop(w1);
+        assert!(!q.inner.control.lock().unwrap().contains_key("w1"));
+        q.send_control("w1", &cancel(3)).await.unwrap();
     }
 
     #[tokio::test]

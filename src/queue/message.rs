@@ -1,20 +1,27 @@
-//! The wire format of a dispatch: a protobuf `DispatchMessage`, decoded
-//! strictly so that a worker can tell a poison message from a real one.
+//! The wire formats on the broker: a dispatch is a protobuf
+//! `DispatchMessage`, a control message (a pushed cancellation) a protobuf
+//! `ControlMessage`; both decoded strictly so that a worker can tell a
+//! poison message from a real one.
 
 use prost::Message;
 use uuid::Uuid;
 
-use crate::proto::v1::DispatchMessage;
+use crate::proto::v1::{ControlMessage, DispatchMessage};
 
-/// Content type of every dispatch.
+/// Content type of every dispatch and control message.
 pub const CONTENT_TYPE: &str = "application/x-protobuf";
 
 /// Why a message is not a valid dispatch.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
-    /// Not a protobuf `DispatchMessage`.
-    #[error("not a DispatchMessage: {0}")]
-    Encoding(String),
+    /// Not a protobuf `DispatchMessage` (or `ControlMessage`).
+    #[error("not a {message}: {error}")]
+    Encoding {
+        /// The message type expected.
+        message: &'static str,
+        /// What the decoder said.
+        error: String,
+    },
     /// The job id is not a UUID.
     #[error("job_id {0:?} is not a UUID")]
     JobId(String),
@@ -27,12 +34,33 @@ pub fn encode(message: &DispatchMessage) -> Vec<u8> {
 
 /// Decodes and checks a dispatch; returns the message and its job id.
 pub fn decode(bytes: &[u8]) -> Result<(DispatchMessage, Uuid), DecodeError> {
-    let message =
-        DispatchMessage::decode(bytes).map_err(|e| DecodeError::Encoding(e.to_string()))?;
-    let id = Uuid::try_parse(&message.job_id)
+    let message = DispatchMessage::decode(bytes).map_err(|e| DecodeError::Encoding {
+        message: "DispatchMessage",
+        error: e.to_string(),
+    })?;
+    let id = job_id(&message.job_id)?;
+    Ok((message, id))
+}
+
+fn job_id(text: &str) -> Result<Uuid, DecodeError> {
+    Uuid::try_parse(text)
         .ok()
-        .filter(|_| message.job_id.len() == 36)
-        .ok_or_else(|| DecodeError::JobId(message.job_id.chars().take(64).collect()))?;
+        .filter(|_| text.len() == 36)
+        .ok_or_else(|| DecodeError::JobId(text.chars().take(64).collect()))
+}
+
+/// Encodes a control message.
+pub fn encode_control(message: &ControlMessage) -> Vec<u8> {
+    message.encode_to_vec()
+}
+
+/// Decodes and checks a control message; returns the message and its job id.
+pub fn decode_control(bytes: &[u8]) -> Result<(ControlMessage, Uuid), DecodeError> {
+    let message = ControlMessage::decode(bytes).map_err(|e| DecodeError::Encoding {
+        message: "ControlMessage",
+        error: e.to_string(),
+    })?;
+    let id = job_id(&message.job_id)?;
     Ok((message, id))
 }
 
@@ -59,11 +87,11 @@ mod tests {
     fn garbage_and_bad_ids_are_rejected() {
         assert!(matches!(
             decode(b"\xff\xff\xff"),
-            Err(DecodeError::Encoding(_))
+            Err(DecodeError::Encoding { .. })
         ));
         assert!(matches!(
             decode(b"{\"job_id\":1}"),
-            Err(DecodeError::Encoding(_))
+            Err(DecodeError::Encoding { .. })
         ));
         let empty = DispatchMessage::default();
         assert!(matches!(
@@ -77,6 +105,29 @@ mod tests {
         assert_eq!(
             decode(&encode(&bad)),
             Err(DecodeError::JobId("not-a-uuid".into()))
+        );
+    }
+
+    #[test]
+    fn a_control_message_round_trips_and_is_checked() {
+        use crate::proto::v1::control_message::Action;
+        let id = Uuid::new_v4();
+        let msg = ControlMessage {
+            action: Action::Cancel as i32,
+            job_id: id.to_string(),
+            attempt: 2,
+            sent_at: None,
+        };
+        assert_eq!(decode_control(&encode_control(&msg)), Ok((msg, id)));
+        let err = decode_control(b"\xff\xff").unwrap_err();
+        assert!(err.to_string().starts_with("not a ControlMessage"), "{err}");
+        let bad = ControlMessage {
+            job_id: "x".into(),
+            ..ControlMessage::default()
+        };
+        assert_eq!(
+            decode_control(&encode_control(&bad)),
+            Err(DecodeError::JobId("x".into()))
         );
     }
 }

@@ -6,6 +6,12 @@
 //! messages to one dead-letter queue. Classic queues, not quorum queues: on
 //! RabbitMQ 3.10 a freshly declared quorum queue lost confirmed messages
 //! across a `kill -9` on this kind of machine (see the README's notes).
+//!
+//! A second direct exchange carries control messages (pushed cancellations)
+//! to one worker each: every worker process has its own exclusive,
+//! auto-delete queue bound with its worker id as the routing key, so the
+//! queue lives exactly as long as the worker's connection and a message for
+//! a worker that is gone is simply unroutable.
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
@@ -21,6 +27,10 @@ pub const DEAD_LETTER_EXCHANGE: &str = "orch.dlx";
 pub const DEAD_LETTER_QUEUE: &str = "orch.dead";
 /// Prefix of the RabbitMQ queue of each job queue.
 pub const QUEUE_PREFIX: &str = "orch.q.";
+/// Direct exchange for control messages; the routing key is the worker id.
+pub const CONTROL_EXCHANGE: &str = "orch.control";
+/// Prefix of each worker's control queue.
+pub const CONTROL_QUEUE_PREFIX: &str = "orch.control.";
 
 /// The routing key of job queue `queue` of `namespace`. Namespaces are
 /// DNS labels (no '.'), so the split is unambiguous.
@@ -45,6 +55,11 @@ pub fn queue_name(namespace: &str, queue: &str) -> String {
     format!("{QUEUE_PREFIX}{}", routing_key(namespace, queue))
 }
 
+/// The control queue of the worker `worker_id`.
+pub fn control_queue_name(worker_id: &str) -> String {
+    format!("{CONTROL_QUEUE_PREFIX}{worker_id}")
+}
+
 fn durable_exchange() -> ExchangeDeclareOptions {
     ExchangeDeclareOptions {
         durable: true,
@@ -66,6 +81,14 @@ pub async fn declare_base(channel: &Channel) -> Result<()> {
         .exchange_declare(
             DEAD_LETTER_EXCHANGE.into(),
             ExchangeKind::Fanout,
+            durable_exchange(),
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .exchange_declare(
+            CONTROL_EXCHANGE.into(),
+            ExchangeKind::Direct,
             durable_exchange(),
             FieldTable::default(),
         )
@@ -123,6 +146,32 @@ pub async fn declare_job_queue(channel: &Channel, namespace: &str, queue: &str) 
     Ok(())
 }
 
+/// Declares the control queue of worker `worker_id` on this channel's
+/// connection (exclusive: only it may consume, and the broker deletes the
+/// queue when the connection closes) and binds it. Returns the queue name.
+/// Needs [`declare_base`] first.
+pub async fn declare_control_queue(channel: &Channel, worker_id: &str) -> Result<String> {
+    let name = control_queue_name(worker_id);
+    let options = QueueDeclareOptions {
+        exclusive: true,
+        auto_delete: true,
+        ..QueueDeclareOptions::default()
+    };
+    channel
+        .queue_declare(name.as_str().into(), options, classic_arguments())
+        .await?;
+    channel
+        .queue_bind(
+            name.as_str().into(),
+            CONTROL_EXCHANGE.into(),
+            worker_id.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(name)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,5 +197,12 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(routing_key_of(&msg), "t.q");
+    }
+
+    #[test]
+    fn control_queues_are_named_for_their_worker() {
+        assert_eq!(control_queue_name("host-12-ab"), "orch.control.host-12-ab");
+        // Job queue names never start with the control prefix.
+        assert!(!queue_name("control", "x").starts_with(CONTROL_QUEUE_PREFIX));
     }
 }

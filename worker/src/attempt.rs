@@ -271,7 +271,9 @@ pub(crate) async fn run(shared: Arc<Shared>, started: Started) {
     let Started { job, lease_token } = started;
     let job_id = job.id.clone();
     let control = Arc::new(AttemptControl::default());
-    shared.leases.insert(&job_id, &lease_token, control.clone());
+    shared
+        .leases
+        .insert(&job_id, job.attempt, &lease_token, control.clone());
     tracing::info!(job_id = %job_id, kind = %job.kind, attempt = job.attempt, "attempt started");
     let attempt = job.attempt;
     let report = execute(&shared, job, &control).await;

@@ -84,10 +84,19 @@ pub struct WorkerConfig {
     pub heartbeat_interval: Duration,
 
     /// How often running attempts are checked for cancellation (one batched
-    /// Heartbeat for all of them, sent only while jobs run). `0s` turns fast
-    /// polling off: cancellations are then seen every heartbeat interval.
+    /// Heartbeat for all of them, sent only while jobs run): the fallback
+    /// for a pushed cancel that got lost. `0s` turns fast polling off: such
+    /// cancellations are then seen every heartbeat interval.
     #[arg(long, env = "ORCH_CANCEL_POLL_INTERVAL", default_value = "250ms", value_parser = humantime::parse_duration)]
     pub cancel_poll_interval: Duration,
+
+    /// Receive cancellations that orchd pushes to this worker's own control
+    /// queue (RabbitMQ `orch.control.<worker id>`), so a cancelled job stops
+    /// within milliseconds. `false` leaves only the heartbeat poll (see
+    /// `--cancel-poll-interval`).
+    #[arg(long, env = "ORCH_CANCEL_PUSH", value_parser = clap::builder::BoolishValueParser::new(),
+          num_args = 0..=1, default_value_t = true, default_missing_value = "true")]
+    pub cancel_push: bool,
 
     /// How long a handler may take to stop once asked to (cancel, timeout,
     /// shutdown) before the worker abandons it.
@@ -279,6 +288,7 @@ mod tests {
         "ORCH_LEASE",
         "ORCH_HEARTBEAT_INTERVAL",
         "ORCH_CANCEL_POLL_INTERVAL",
+        "ORCH_CANCEL_PUSH",
         "ORCH_CANCEL_GRACE",
         "ORCH_DRAIN_TIMEOUT",
         "ORCH_ENABLE_EXEC",
@@ -333,6 +343,7 @@ mod tests {
         assert_eq!(c.lease, Duration::from_secs(30));
         assert_eq!(c.heartbeat_interval, Duration::from_secs(3));
         assert_eq!(c.cancel_poll_interval, Duration::from_millis(250));
+        assert!(c.cancel_push);
         assert_eq!(c.cancel_grace, Duration::from_secs(5));
         assert_eq!(c.drain_timeout, Duration::from_secs(30));
         assert!(!c.enable_exec);
@@ -356,6 +367,7 @@ mod tests {
             "10s",
             "--cancel-poll-interval",
             "0s",
+            "--cancel-push=false",
             "--drain-timeout",
             "2s",
             "--enable-exec",
@@ -375,6 +387,7 @@ mod tests {
             Duration::from_secs(10),
             "fast polling off"
         );
+        assert!(!c.cancel_push);
         assert_eq!(c.drain_timeout, Duration::from_secs(2));
         assert!(c.enable_exec);
         assert_eq!(c.token.as_deref(), Some("s3cret"));
@@ -439,6 +452,7 @@ mod tests {
                 ("ORCH_LEASE", "45s"),
                 ("ORCH_HEARTBEAT_INTERVAL", "5s"),
                 ("ORCH_DRAIN_TIMEOUT", "1m"),
+                ("ORCH_CANCEL_PUSH", "false"),
                 ("ORCH_LOG_FORMAT", "json"),
             ],
         );
@@ -463,6 +477,7 @@ mod tests {
         assert_eq!(c.lease, Duration::from_secs(45));
         assert_eq!(c.heartbeat_interval, Duration::from_secs(5));
         assert_eq!(c.drain_timeout, Duration::from_secs(60));
+        assert!(!c.cancel_push);
         assert_eq!(c.log_format, LogFormat::Json);
         // A flag still beats its variable.
         let c = parse(&["--concurrency", "9"]).unwrap();

@@ -7,18 +7,25 @@
 //! `held = false` marks the attempt lost (stop, report nothing),
 //! `cancel_requested` stops it as cancelled by the user.
 //!
-//! Cancel polling: the protocol has no way to ask about cancellations
-//! without renewing leases, and a cancel must stop a job within about a
-//! second. So while attempts run, the loop sends its batched Heartbeat every
+//! Cancellations arrive two ways. orchd pushes them (see `crate::control`):
+//! [`Leases::cancel_pushed`] stops the attempt a push names, at once. The
+//! heartbeat poll is the fallback for a push that got lost: the protocol has
+//! no way to ask about cancellations without renewing leases, so while
+//! attempts run, the loop sends its batched Heartbeat every
 //! `min(--heartbeat-interval, --cancel-poll-interval)` (250ms by default);
 //! each one also renews the leases, which is harmless. While nothing runs it
 //! sends nothing. `--cancel-poll-interval 0s` falls back to heartbeats every
-//! `--heartbeat-interval` (cancellations are then seen that late).
+//! `--heartbeat-interval` (a lost push is then seen that late).
+//!
+//! A push can overtake the registration of the attempt it is about (orchd
+//! records the attempt as RUNNING before this worker has registered it), so
+//! a push for an attempt not registered here is remembered for a while and
+//! applied if that attempt registers.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use orchestrator::job::duration_to_proto;
 use orchestrator::proto::v1::{HeartbeatRequest, Lease, LeaseStatus};
@@ -79,14 +86,29 @@ impl AttemptControl {
 }
 
 struct Entry {
+    attempt: u32,
     lease_token: String,
     control: Arc<AttemptControl>,
+}
+
+/// How long a pushed cancel for an attempt not registered here is kept, in
+/// case the attempt registers after all.
+const EARLY_PUSH_TTL: Duration = Duration::from_secs(60);
+/// Most such pushes kept (pushes for attempts that already ended land here
+/// too, and must not pile up).
+const MAX_EARLY_PUSHES: usize = 1024;
+
+#[derive(Default)]
+struct Table {
+    running: HashMap<String, Entry>,
+    /// Pushed cancels for attempts not registered: job id → (attempt, when).
+    early: HashMap<String, (u32, Instant)>,
 }
 
 /// The leases this worker holds, by job id.
 #[derive(Default)]
 pub(crate) struct Leases {
-    entries: Mutex<HashMap<String, Entry>>,
+    table: Mutex<Table>,
     added: Notify,
 }
 
@@ -98,22 +120,57 @@ pub(crate) struct Held {
     pub control: Arc<AttemptControl>,
 }
 
+/// What a pushed cancel did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Pushed {
+    /// The attempt runs here: its handler was asked to stop.
+    Stopped,
+    /// The attempt runs here and was already stopping (for any reason).
+    AlreadyStopping,
+    /// Another attempt of the job runs here: ignored.
+    Stale {
+        /// The attempt that runs.
+        running: u32,
+    },
+    /// No attempt of the job runs here: kept for a while in case the
+    /// attempt has yet to register.
+    NotRunning,
+}
+
 impl Leases {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
-        self.entries.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Registers a running attempt. An earlier attempt of the same job
-    /// still registered here has lost its lease for sure (orchd just gave the
-    /// job a new one), so it is marked lost.
-    pub fn insert(&self, job_id: &str, lease_token: &str, control: Arc<AttemptControl>) {
-        let replaced = self.lock().insert(
+    /// Registers attempt `attempt` of a job. An earlier attempt of the same
+    /// job still registered here has lost its lease for sure (orchd just
+    /// gave the job a new one), so it is marked lost. A cancel pushed for
+    /// this attempt before it registered stops it at once.
+    pub fn insert(
+        &self,
+        job_id: &str,
+        attempt: u32,
+        lease_token: &str,
+        control: Arc<AttemptControl>,
+    ) {
+        let mut table = self.lock();
+        let early = table
+            .early
+            .remove(job_id)
+            .is_some_and(|(pushed, at)| pushed == attempt && at.elapsed() < EARLY_PUSH_TTL);
+        if early {
+            tracing::info!(job_id = %job_id, attempt, "cancel pushed before the attempt started here; stopping it");
+            control.stop(StopReason::CancelRequested);
+        }
+        let replaced = table.running.insert(
             job_id.to_owned(),
             Entry {
+                attempt,
                 lease_token: lease_token.to_owned(),
                 control,
             },
         );
+        drop(table);
         if let Some(old) = replaced.filter(|old| old.lease_token != lease_token) {
             tracing::warn!(job_id = %job_id, "a new attempt of this job started here; abandoning the old one");
             old.control.lose();
@@ -123,18 +180,49 @@ impl Leases {
 
     /// Unregisters an attempt (only if it still holds `lease_token`).
     pub fn remove(&self, job_id: &str, lease_token: &str) {
-        let mut entries = self.lock();
-        if entries
+        let mut table = self.lock();
+        if table
+            .running
             .get(job_id)
             .is_some_and(|e| e.lease_token == lease_token)
         {
-            entries.remove(job_id);
+            table.running.remove(job_id);
         }
+    }
+
+    /// Applies a cancel orchd pushed for attempt `attempt` of a job: stops
+    /// that attempt as cancelled by the user, the same way as a heartbeat
+    /// answer with `cancel_requested`.
+    pub fn cancel_pushed(&self, job_id: &str, attempt: u32) -> Pushed {
+        let mut table = self.lock();
+        let Some(entry) = table.running.get(job_id) else {
+            let now = Instant::now();
+            table
+                .early
+                .retain(|_, (_, at)| now.duration_since(*at) < EARLY_PUSH_TTL);
+            if table.early.len() < MAX_EARLY_PUSHES {
+                table.early.insert(job_id.to_owned(), (attempt, now));
+            }
+            return Pushed::NotRunning;
+        };
+        if entry.attempt != attempt {
+            return Pushed::Stale {
+                running: entry.attempt,
+            };
+        }
+        let control = entry.control.clone();
+        drop(table);
+        if control.reason().is_some() || control.is_lost() {
+            return Pushed::AlreadyStopping;
+        }
+        control.stop(StopReason::CancelRequested);
+        Pushed::Stopped
     }
 
     /// Every registered attempt.
     pub fn snapshot(&self) -> Vec<Held> {
         self.lock()
+            .running
             .iter()
             .map(|(job_id, e)| Held {
                 job_id: job_id.clone(),
@@ -146,7 +234,7 @@ impl Leases {
 
     /// How many attempts are registered.
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().running.len()
     }
 }
 
@@ -353,7 +441,7 @@ mod tests {
     fn removal_is_fenced_on_the_token() {
         let leases = Leases::default();
         let control = Arc::new(AttemptControl::default());
-        leases.insert("j", "t2", control.clone());
+        leases.insert("j", 2, "t2", control.clone());
         leases.remove("j", "t1");
         assert_eq!(
             leases.len(),
@@ -361,7 +449,7 @@ mod tests {
             "an older attempt's removal keeps the newer one"
         );
         let newer = Arc::new(AttemptControl::default());
-        leases.insert("j", "t3", newer.clone());
+        leases.insert("j", 3, "t3", newer.clone());
         assert!(
             control.is_lost(),
             "a new attempt of the same job supersedes the old one"
@@ -371,6 +459,55 @@ mod tests {
         assert_eq!(leases.len(), 1);
         leases.remove("j", "t3");
         assert_eq!(leases.len(), 0);
+    }
+
+    #[test]
+    fn a_push_stops_only_the_attempt_it_names() {
+        let leases = Leases::default();
+        let control = Arc::new(AttemptControl::default());
+        leases.insert("j", 2, "t2", control.clone());
+        assert_eq!(leases.cancel_pushed("j", 1), Pushed::Stale { running: 2 });
+        assert!(
+            !control.token.is_cancelled(),
+            "an older attempt's push is ignored"
+        );
+        assert_eq!(leases.cancel_pushed("j", 2), Pushed::Stopped);
+        assert!(control.token.is_cancelled());
+        assert_eq!(control.reason(), Some(StopReason::CancelRequested));
+        assert!(!control.is_lost());
+        assert_eq!(leases.cancel_pushed("j", 2), Pushed::AlreadyStopping);
+    }
+
+    #[test]
+    fn a_push_that_overtakes_its_attempt_applies_when_it_registers() {
+        let leases = Leases::default();
+        assert_eq!(leases.cancel_pushed("j", 1), Pushed::NotRunning);
+        let other = Arc::new(AttemptControl::default());
+        leases.insert("k", 1, "tk", other.clone());
+        assert!(!other.token.is_cancelled(), "another job is not touched");
+        let control = Arc::new(AttemptControl::default());
+        leases.insert("j", 1, "t1", control.clone());
+        assert_eq!(control.reason(), Some(StopReason::CancelRequested));
+        // Used up: the next attempt of the job is not cancelled by it.
+        leases.remove("j", "t1");
+        let next = Arc::new(AttemptControl::default());
+        leases.insert("j", 2, "t2", next.clone());
+        assert!(!next.token.is_cancelled());
+        // A push for an attempt that already ended never stops a later one.
+        leases.remove("j", "t2");
+        assert_eq!(leases.cancel_pushed("j", 2), Pushed::NotRunning);
+        let third = Arc::new(AttemptControl::default());
+        leases.insert("j", 3, "t3", third.clone());
+        assert!(!third.token.is_cancelled());
+    }
+
+    #[test]
+    fn remembered_pushes_are_bounded() {
+        let leases = Leases::default();
+        for i in 0..(MAX_EARLY_PUSHES + 10) {
+            leases.cancel_pushed(&format!("job-{i}"), 1);
+        }
+        assert_eq!(leases.lock().early.len(), MAX_EARLY_PUSHES);
     }
 
     #[test]

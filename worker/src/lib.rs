@@ -8,8 +8,9 @@
 //!
 //! Modules: [`config`] (flags), `consumer` (RabbitMQ consumption and
 //! reconnection), `attempt` (one attempt: start, run, finish), `lease`
-//! (heartbeats and stop signals), `rpc` (the orchd client), [`handler`]
-//! (trait and registry), [`handlers`] (built-ins), [`error`].
+//! (heartbeats and stop signals), `control` (cancels pushed by orchd),
+//! `rpc` (the orchd client), [`handler`] (trait and registry), [`handlers`]
+//! (built-ins), [`error`].
 
 pub mod config;
 pub mod error;
@@ -18,6 +19,7 @@ pub mod handlers;
 
 mod attempt;
 mod consumer;
+mod control;
 mod lease;
 mod memory;
 mod rpc;
@@ -37,6 +39,10 @@ pub use handler::{Handler, JobContext, Registry, from_struct, handler_fn, to_str
 /// How long, after the cancel grace, stopped attempts may take to report
 /// on the way out before the worker exits anyway (the sweeper recovers them).
 const FINAL_REPORT_TIME: Duration = Duration::from_secs(10);
+/// How long the worker waits for its control queue before it consumes jobs
+/// anyway (pushed cancels are then lost until the queue is up; heartbeats
+/// still deliver them).
+const CONTROL_READY_WAIT: Duration = Duration::from_secs(10);
 
 /// Runs a worker until `shutdown` is cancelled, then shuts down gracefully:
 /// stops consuming (prefetched messages go back to the queue), lets running
@@ -103,6 +109,7 @@ pub async fn run_from(
         concurrency = config.concurrency,
         kinds = ?shared.registry.kinds(),
         exec = config.enable_exec,
+        cancel_push = config.cancel_push,
         "worker starting"
     );
 
@@ -117,6 +124,41 @@ pub async fn run_from(
         },
         heartbeats_stop.clone(),
     ));
+
+    // The control queue first, so that no cancel for a job of this worker
+    // is pushed before it exists.
+    let control_stop = CancellationToken::new();
+    let control = if config.cancel_push {
+        match &source {
+            Source::Rabbitmq => {
+                let (ready, up) = tokio::sync::oneshot::channel();
+                let settings = control::ControlSettings {
+                    amqp_url: config.amqp_url.clone(),
+                    worker_id: worker_id.clone(),
+                };
+                let task = tokio::spawn(control::consume_amqp(
+                    leases.clone(),
+                    settings,
+                    ready,
+                    control_stop.clone(),
+                ));
+                tokio::select! {
+                    _ = shutdown.cancelled() => {}
+                    up = tokio::time::timeout(CONTROL_READY_WAIT, up) => if up.is_err() {
+                        tracing::warn!(wait = ?CONTROL_READY_WAIT, "control queue not ready; consuming jobs anyway");
+                    }
+                }
+                Some(task)
+            }
+            Source::InProcess(queue) => Some(tokio::spawn(control::consume_memory(
+                leases.clone(),
+                queue.subscribe_control(&worker_id),
+                control_stop.clone(),
+            ))),
+        }
+    } else {
+        None
+    };
 
     let attempts = TaskTracker::new();
     match source {
@@ -182,7 +224,11 @@ pub async fn run_from(
         }
     }
     heartbeats_stop.cancel();
+    control_stop.cancel();
     let _ = heartbeats.await;
+    if let Some(control) = control {
+        let _ = control.await;
+    }
     tracing::info!(worker_id = %worker_id, "worker stopped");
     Ok(())
 }

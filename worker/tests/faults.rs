@@ -1,12 +1,14 @@
 //! Fault tests of the worker against a real orchd: orchd restarting while
-//! a job runs and while a message waits, and RabbitMQ restarting under a
-//! consuming worker.
+//! a job runs and while a message waits, RabbitMQ restarting under a
+//! consuming worker, and the worker's control queue deleted under it.
 
 mod common;
 
 use std::time::Duration;
 
 use common::*;
+use orchestrator::proto::v1::CancelJobRequest;
+use orchestrator::queue::topology;
 use orchestrator::state::State;
 use orchestrator_server::ServeConfig;
 use orchestrator_testkit::{
@@ -109,6 +111,71 @@ async fn workers_reconnect_after_a_rabbitmq_restart() {
     let done = wait_terminal(&mut jobs, &after.id, Duration::from_secs(60)).await;
     assert_eq!(state(&done), State::Completed, "{}", done.error);
     assert_eq!(result_json(&done), json!({"after": "restart"}));
+
+    worker.stop(T).await;
+    orchd.stop().await;
+    drop(rabbit);
+}
+
+/// Whether `queue` exists on `rabbit` with one consumer.
+fn consumed(rabbit: &RabbitServer, queue: &str) -> bool {
+    let out = tokio::task::block_in_place(|| {
+        rabbit.rabbitmqctl(&["-q", "list_queues", "name", "consumers"])
+    });
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|line| line.split_whitespace().collect::<Vec<_>>() == [queue, "1"])
+}
+
+/// Injects: the worker's control queue deleted under it while a job runs
+/// (`rabbitmqctl delete_queue`, as an operator might; the broker cancels
+/// the worker's consumer). Asserts: the worker declares and consumes the
+/// queue again by itself, and a cancel pushed afterwards still stops the
+/// job although the worker's heartbeat poll is 9 minutes away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_redeclares_its_deleted_control_queue() {
+    let rabbit = tokio::task::spawn_blocking(RabbitServer::start)
+        .await
+        .unwrap();
+    let orchd = Orchd::on(shared_redis_url(), rabbit.url()).await;
+    let queue = fresh_queue();
+    let mut config = worker_config(&orchd, &queue);
+    config.lease = Duration::from_secs(600);
+    config.heartbeat_interval = Duration::from_secs(540);
+    config.cancel_poll_interval = Duration::from_secs(3600);
+    let worker = Worker::start(config);
+    let mut jobs = orchd.jobs().await;
+
+    let job = submit(&mut jobs, spec("sleep", &queue, json!({"seconds": 3600}))).await;
+    let running = wait_state(&mut jobs, &job.id, State::Running, T).await;
+    let control = topology::control_queue_name(&running.worker_id);
+    assert!(
+        consumed(&rabbit, &control),
+        "{control} is consumed before any job runs"
+    );
+
+    let out = tokio::task::block_in_place(|| rabbit.rabbitmqctl(&["delete_queue", &control]));
+    assert!(
+        out.status.success(),
+        "delete_queue: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deadline = tokio::time::Instant::now() + T;
+    while !consumed(&rabbit, &control) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{control} not consumed again"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    jobs.cancel_job(CancelJobRequest {
+        job_id: job.id.clone(),
+    })
+    .await
+    .expect("cancel");
+    let done = wait_terminal(&mut jobs, &job.id, T).await;
+    assert_eq!(state(&done), State::Cancelled, "{}", done.error);
 
     worker.stop(T).await;
     orchd.stop().await;
