@@ -23,14 +23,17 @@
 #   N=10000              jobs per throughput run (Celery gets the same -n)
 #   LATENCY_N=500        jobs of the one-at-a-time latency runs
 #   CANCEL_N=100         running `sleep` jobs cancelled one at a time (cancellation latency)
-#   SCENARIOS="grpc-throughput rest-throughput grpc-batch grpc-latency grpc-cancel"
+#   SCALE_SIZES="1000 10000 100000"  jobs stored before each "scale" measurement
+#   SCALE_N=3000 SCALE_LATENCY_N=100 jobs of the scale throughput / latency runs
+#   SCENARIOS="grpc-throughput rest-throughput grpc-batch grpc-latency grpc-cancel scale"
 #                        which orchctl bench scenarios to run
 #   CONCURRENCY=64       submit calls in flight (orchctl bench --concurrency)
 #   BATCH=100            jobs per SubmitJobs call in the batch scenario
 #   BATCH_CONCURRENCY=8  SubmitJobs calls in flight
 #   WARMUP=500           jobs run through before each measurement (as Celery's warm-up)
 #   WORKERS=2            orch-worker processes
-#   WORKER_CONCURRENCY=8 jobs each worker runs at once (and its prefetch)
+#   WORKER_CONCURRENCY=32 jobs each worker runs at once (and its prefetch): noop jobs
+#                        spend their time waiting on orchd, so more of them overlap
 #   WORKER_ARGS=         extra orch-worker flags, e.g. "--cancel-push=false" to
 #                        measure cancellation by the heartbeat poll alone
 #   RUN_CELERY=1         also run the Celery reference (threads c=8, prefork c=2; 1 repeat)
@@ -47,13 +50,16 @@ TS=$(date +%Y%m%d-%H%M%S)
 N=${N:-10000}
 LATENCY_N=${LATENCY_N:-500}
 CANCEL_N=${CANCEL_N:-100}
-SCENARIOS=${SCENARIOS:-grpc-throughput rest-throughput grpc-batch grpc-latency grpc-cancel}
+SCENARIOS=${SCENARIOS:-grpc-throughput rest-throughput grpc-batch grpc-latency grpc-cancel scale}
 CONCURRENCY=${CONCURRENCY:-64}
+SCALE_SIZES=${SCALE_SIZES:-1000 10000 100000}
+SCALE_N=${SCALE_N:-3000}
+SCALE_LATENCY_N=${SCALE_LATENCY_N:-100}
 BATCH=${BATCH:-100}
 BATCH_CONCURRENCY=${BATCH_CONCURRENCY:-8}
 WARMUP=${WARMUP:-500}
 WORKERS=${WORKERS:-2}
-WORKER_CONCURRENCY=${WORKER_CONCURRENCY:-8}
+WORKER_CONCURRENCY=${WORKER_CONCURRENCY:-32}
 WORKER_ARGS=${WORKER_ARGS:-}
 read -r -a WORKER_ARGV <<<"$WORKER_ARGS"
 RUN_CELERY=${RUN_CELERY:-1}
@@ -160,29 +166,34 @@ done
 export RUST_LOG=${RUST_LOG:-warn} # as Celery's --loglevel=warning
 # --submit-rate off: the run measures orchd's throughput, not the per-token
 # submit limit (1000/s by default, which the batched scenario exceeds).
-log "starting orchd serve on $GRPC / $REST (Redis prefix orchbench-$TS:)"
-"$BIN/orchd" serve --grpc-addr "127.0.0.1:$GRPC_PORT" --http-addr "127.0.0.1:$HTTP_PORT" \
-  --redis-url "$REDIS_URL" --amqp-url "$AMQP_URL" --redis-prefix "orchbench-$TS:" \
-  --submit-rate off \
-  >"$RESULTS/orchd.log" 2>&1 &
-ORCHD=$!
-PIDS+=("$ORCHD")
-for _ in $(seq 1 300); do
-  curl -fsS "$REST/healthz" >/dev/null 2>&1 && break
-  kill -0 "$ORCHD" 2>/dev/null || die "orchd exited; see $RESULTS/orchd.log"
-  sleep 0.2
-done
-curl -fsS "$REST/healthz" >/dev/null || die "orchd not healthy after 60 s; see $RESULTS/orchd.log"
+# Starts orchd (Redis key prefix $1) and the workers.
+start_stack() {
+  PREFIX=$1
+  log "starting orchd serve on $GRPC / $REST (Redis prefix $PREFIX)"
+  "$BIN/orchd" serve --grpc-addr "127.0.0.1:$GRPC_PORT" --http-addr "127.0.0.1:$HTTP_PORT" \
+    --redis-url "$REDIS_URL" --amqp-url "$AMQP_URL" --redis-prefix "$PREFIX" \
+    --submit-rate off \
+    >>"$RESULTS/orchd.log" 2>&1 &
+  ORCHD=$!
+  PIDS+=("$ORCHD")
+  for _ in $(seq 1 300); do
+    curl -fsS "$REST/healthz" >/dev/null 2>&1 && break
+    kill -0 "$ORCHD" 2>/dev/null || die "orchd exited; see $RESULTS/orchd.log"
+    sleep 0.2
+  done
+  curl -fsS "$REST/healthz" >/dev/null || die "orchd not healthy after 60 s; see $RESULTS/orchd.log"
 
-WORKER_PIDS=()
-for i in $(seq 1 "$WORKERS"); do
-  "$BIN/orch-worker" --server "$GRPC" --amqp-url "$AMQP_URL" --queues "$QUEUE" \
-    --concurrency "$WORKER_CONCURRENCY" --worker-id "bench-w$i" "${WORKER_ARGV[@]}" \
-    >"$RESULTS/worker-$i.log" 2>&1 &
-  WORKER_PIDS+=("$!")
-  PIDS+=("$!")
-done
-log "orchd pid $ORCHD, workers ${WORKER_PIDS[*]} on queue $QUEUE (concurrency $WORKER_CONCURRENCY each)"
+  WORKER_PIDS=()
+  for i in $(seq 1 "$WORKERS"); do
+    "$BIN/orch-worker" --server "$GRPC" --amqp-url "$AMQP_URL" --queues "$QUEUE" \
+      --concurrency "$WORKER_CONCURRENCY" --worker-id "bench-w$i" "${WORKER_ARGV[@]}" \
+      >>"$RESULTS/worker-$i.log" 2>&1 &
+    WORKER_PIDS+=("$!")
+    PIDS+=("$!")
+  done
+  log "orchd pid $ORCHD, workers ${WORKER_PIDS[*]} on queue $QUEUE (concurrency $WORKER_CONCURRENCY each)"
+}
+start_stack "orchbench-$TS:"
 
 rss_kib() { ps -o rss= -p "$1" 2>/dev/null | tr -d ' ' || true; }
 rss_line() {
@@ -247,6 +258,55 @@ scenario grpc-batch -n "$N" --batch "$BATCH" --concurrency "$BATCH_CONCURRENCY" 
 scenario grpc-latency --latency "$LATENCY_N" --warmup 50
 # Running `sleep` jobs (300 s) cancelled one at a time: CancelJob -> CANCELLED.
 scenario grpc-cancel --cancel "$CANCEL_N" --warmup 5
+
+# --- How cost grows with what is stored -----------------------------------------
+# Grow the store to each of $SCALE_SIZES jobs (SubmitJobs batches of 1000 on
+# a queue no worker consumes, so they stay CREATED), wait until the
+# dispatcher has published them all, then run a short throughput and
+# latency scenario and time ListJobs pages (the newest 100; the newest 100
+# CREATED; the newest 100 of the stored queue), median of 20 calls each.
+STORED_QUEUE=$QUEUE-stored
+batch_body() {
+  python3 -c "import json,sys; print(json.dumps({'jobs': [{'kind': 'noop', 'queue': sys.argv[1]}] * 1000}))" "$STORED_QUEUE"
+}
+stored=0
+if wanted scale; then
+  # A fresh key prefix, so that "stored" counts only what is grown here.
+  stop_stack
+  start_stack "orchbench-$TS-scale:"
+  body=$(batch_body)
+  for size in $SCALE_SIZES; do
+    log "scale: growing the store to $size jobs"
+    while ((stored + 1000 <= size)); do
+      curl -fsS -o /dev/null -X POST "$REST/jobs:batchSubmit" -H 'content-type: application/json' -d "$body" ||
+        die "batch submit failed while growing the store"
+      stored=$((stored + 1000))
+    done
+    for _ in $(seq 1 600); do
+      due=$(redis-cli -p 6390 -n 1 ZCARD "${PREFIX}due" 2>/dev/null || echo 0)
+      [[ $due == 0 ]] && break
+      sleep 0.5
+    done
+    SCENARIOS="$SCENARIOS scale-$size-throughput scale-$size-latency"
+    scenario "scale-$size-throughput" -n "$SCALE_N" --concurrency "$CONCURRENCY" --warmup 200
+    scenario "scale-$size-latency" --latency "$SCALE_LATENCY_N" --warmup 20
+    python3 - "$REST" "$STORED_QUEUE" "$stored" >"$RESULTS/scale-$size-list.json" <<'PY' || log "list timing failed"
+import json, statistics, sys, time, urllib.request
+rest, queue, stored = sys.argv[1], sys.argv[2], int(sys.argv[3])
+out = {"stored": stored}
+for name, path in (("newest", "/jobs?pageSize=100"), ("created", "/jobs?state=CREATED&pageSize=100"),
+                   ("queue", f"/jobs?queue={queue}&pageSize=100")):
+    times = []
+    for _ in range(20):
+        t = time.perf_counter()
+        with urllib.request.urlopen(rest + path) as r:
+            n = len(json.load(r)["jobs"])
+        times.append((time.perf_counter() - t) * 1000)
+    out[name] = {"jobs": n, "median_ms": statistics.median(times), "max_ms": max(times)}
+print(json.dumps(out))
+PY
+  done
+fi
 rss_line >"$RESULTS/rss-end.txt"
 log "stopping orchd and the workers"
 stop_stack
