@@ -770,20 +770,54 @@ struct Rest {
     token: Option<String>,
 }
 
+/// Whether the "throttled" warning was printed already.
+static THROTTLE_WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Runs `op` again after orchd's retry hint (100 ms without one) for as
+/// long as it answers RESOURCE_EXHAUSTED: a per-token submit rate limit
+/// slows the bench down instead of failing it, and the first time says so.
+async fn until_admitted<T, F, Fut>(mut op: F) -> Result<T, CliError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, CliError>>,
+{
+    loop {
+        match op().await {
+            Err(CliError::Rpc(status)) if status.code() == Code::ResourceExhausted => {
+                if !THROTTLE_WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    eprintln!(
+                        "orchctl bench: orchd's limit throttles the submits ({}); they are retried, so the figures show the limit, not orchd's speed (start orchd with --submit-rate off to measure it)",
+                        status.message()
+                    );
+                }
+                let wait = crate::exit::retry_hint(&status).unwrap_or(Duration::from_millis(100));
+                tokio::time::sleep(wait).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 impl Api {
     async fn submit(&self, spec: SubmitJobRequest) -> Result<Job, CliError> {
-        match self {
-            Api::Grpc(c) => call(c.clone().submit_job(spec)).await,
-            Api::Rest(r) => r.post("/jobs", &spec).await,
-        }
+        until_admitted(|| async {
+            match self {
+                Api::Grpc(c) => call(c.clone().submit_job(spec.clone())).await,
+                Api::Rest(r) => r.post("/jobs", &spec).await,
+            }
+        })
+        .await
     }
 
     async fn submit_batch(&self, jobs: Vec<SubmitJobRequest>) -> Result<Vec<Job>, CliError> {
         let request = SubmitJobsRequest { jobs };
-        let response = match self {
-            Api::Grpc(c) => call(c.clone().submit_jobs(request)).await?,
-            Api::Rest(r) => r.post("/jobs:batchSubmit", &request).await?,
-        };
+        let response = until_admitted(|| async {
+            match self {
+                Api::Grpc(c) => call(c.clone().submit_jobs(request.clone())).await,
+                Api::Rest(r) => r.post("/jobs:batchSubmit", &request).await,
+            }
+        })
+        .await?;
         Ok(response.jobs)
     }
 

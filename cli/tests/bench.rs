@@ -20,9 +20,11 @@ struct Orchd {
 
 impl Orchd {
     async fn start() -> Orchd {
-        let running = dev::start(DevConfig::local_ephemeral(2))
-            .await
-            .expect("orchd dev starts");
+        Orchd::with_config(DevConfig::local_ephemeral(2)).await
+    }
+
+    async fn with_config(config: DevConfig) -> Orchd {
+        let running = dev::start(config).await.expect("orchd dev starts");
         Orchd {
             grpc: format!("http://{}", running.server.grpc_addr),
             rest: format!("http://{}", running.server.http_addr),
@@ -136,6 +138,27 @@ async fn bench_over_grpc_completes_every_job_exactly_once() {
     assert_eq!(report["warmup"], 5);
     assert_eq!(report["batch"], Value::Null);
     assert_eq!(report["client_latency_ms"], Value::Null);
+    orchd.stop().await;
+}
+
+/// Injects: orchd's per-token submit limit (20/s, burst 5) below what the
+/// bench submits. Asserts: the bench still completes every job exactly
+/// once (it waits out the retry hint) and says on stderr that the limit
+/// throttled it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submit_rate_limit_slows_the_bench_down_without_failing_it() {
+    let mut config = DevConfig::local_ephemeral(2);
+    config.limits.submit_rate = orchestrator_server::limits::SubmitRate::per_second(20);
+    config.limits.submit_burst = std::num::NonZeroU32::new(5).unwrap();
+    let orchd = Orchd::with_config(config).await;
+    let output = orchd
+        .orchctl(&["-o", "json", "bench", "-n", "30", "--concurrency", "8"])
+        .await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(output.status.code(), Some(0), "{report:#}\n{stderr}");
+    check_success(&report, 30);
+    assert!(stderr.contains("throttles the submits"), "{stderr}");
     orchd.stop().await;
 }
 
