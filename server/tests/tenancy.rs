@@ -31,7 +31,12 @@ const ROOT: &str = "orch_root-admin-of-ops";
 const T: Duration = Duration::from_secs(30);
 
 async fn server(dir: &tempfile::TempDir) -> TestServer {
+    server_with(dir, |_| {}).await
+}
+
+async fn server_with(dir: &tempfile::TempDir, adjust: impl FnOnce(&mut ServeConfig)) -> TestServer {
     let mut config = ServeConfig::local(shared_redis_url(), shared_amqp_url());
+    adjust(&mut config);
     config.redis_prefix = format!("{}:", unique_name("tenancy"));
     config.auth.tokens_file = Some(tokens_file(
         dir,
@@ -438,5 +443,32 @@ async fn a_worker_token_cannot_consume_another_namespace() {
         text.contains("tenant-a") && text.contains("admin"),
         "the refusal names the namespace and who may: {text}"
     );
+    server.stop().await;
+}
+
+/// Injects: bob (tenant-b) submitting past a submit rate limit of 3 per
+/// minute. Asserts: bob gets RESOURCE_EXHAUSTED, and alice (tenant-a),
+/// whose token has its own allowance, still submits at once.
+#[tokio::test]
+async fn one_tenant_cannot_use_up_anothers_submit_allowance() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server_with(&dir, |config| {
+        config.limits.submit_rate = "3/m".parse().unwrap();
+        config.limits.submit_burst = std::num::NonZeroU32::new(3).unwrap();
+    })
+    .await;
+    let queue = fresh_queue();
+    let mut bob = jobs_as(&server, bearer(BOB).as_deref()).await;
+    let mut refused = None;
+    for _ in 0..10 {
+        if let Err(status) = bob.submit_job(spec("echo", &queue)).await {
+            refused = Some(status);
+            break;
+        }
+    }
+    let refused = refused.expect("bob hits the limit");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    let job = submit_as(&server, ALICE, spec("echo", &queue)).await;
+    assert_eq!(job.namespace, "tenant-a");
     server.stop().await;
 }
