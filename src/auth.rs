@@ -165,6 +165,61 @@ impl Caller {
     }
 }
 
+/// The client side: a tonic interceptor that sends `authorization: Bearer
+/// <token>` with every call, or nothing without a token. orchctl,
+/// orch-worker and the tests all send credentials through it. The value is
+/// marked sensitive and `Debug` does not show it.
+#[derive(Clone, Default)]
+pub struct BearerAuth(Option<tonic::metadata::AsciiMetadataValue>);
+
+impl BearerAuth {
+    /// Credentials for `token`; none for `None` or a blank token. Fails
+    /// when the token cannot be sent in a header (not printable ASCII); the
+    /// error does not repeat it.
+    pub fn new(token: Option<&str>) -> Result<BearerAuth, Error> {
+        let Some(token) = token.map(str::trim).filter(|t| !t.is_empty()) else {
+            return Ok(BearerAuth(None));
+        };
+        let mut value = tonic::metadata::AsciiMetadataValue::try_from(format!("Bearer {token}"))
+            .map_err(|_| {
+                Error::invalid(
+                    "token",
+                    "contains characters that cannot be sent in a header (printable ASCII only)",
+                )
+            })?;
+        value.set_sensitive(true);
+        Ok(BearerAuth(Some(value)))
+    }
+
+    /// Sends exactly `value` as the `authorization` header (or none): for
+    /// tests of malformed credentials.
+    pub fn raw(value: Option<tonic::metadata::AsciiMetadataValue>) -> BearerAuth {
+        BearerAuth(value)
+    }
+}
+
+impl fmt::Debug for BearerAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("BearerAuth")
+            .field(&self.0.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+impl tonic::service::Interceptor for BearerAuth {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
 /// One line of the tokens file: a name, a role, a namespace and the
 /// SHA-256 of the token.
 #[derive(Clone, PartialEq, Eq)]
@@ -682,5 +737,25 @@ mod tests {
             admin.namespace_for("Bad.Name"),
             Err(Error::InvalidArgument { field, .. }) if field == "namespace"
         ));
+    }
+
+    #[test]
+    fn bearer_auth_sends_the_token_and_never_shows_it() {
+        use tonic::service::Interceptor;
+        let mut with = BearerAuth::new(Some("s3cret")).unwrap();
+        let request = with.call(tonic::Request::new(())).unwrap();
+        assert_eq!(
+            request.metadata().get("authorization").unwrap(),
+            "Bearer s3cret"
+        );
+        assert!(!format!("{with:?}").contains("s3cret"));
+        for none in [None, Some(""), Some("  ")] {
+            let mut without = BearerAuth::new(none).unwrap();
+            let request = without.call(tonic::Request::new(())).unwrap();
+            assert!(request.metadata().get("authorization").is_none());
+        }
+        let err = BearerAuth::new(Some("a\nb")).unwrap_err();
+        assert!(matches!(&err, Error::InvalidArgument { field, .. } if field == "token"));
+        assert!(!err.to_string().contains("a\nb"));
     }
 }

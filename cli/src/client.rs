@@ -9,9 +9,8 @@
 use std::future::Future;
 use std::time::Duration;
 
+use orchestrator::auth::BearerAuth;
 use orchestrator::proto::v1::job_service_client::JobServiceClient;
-use tonic::metadata::{AsciiMetadataValue, MetadataValue};
-use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
@@ -31,50 +30,16 @@ const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The client of `orchestrator.v1.JobService` that `orchctl` uses.
-pub type Client = JobServiceClient<InterceptedService<Channel, AuthInterceptor>>;
+pub type Client = JobServiceClient<InterceptedService<Channel, BearerAuth>>;
 
-/// Adds `authorization: Bearer <token>` to every request when a token is
-/// configured; passes requests through unchanged otherwise.
-#[derive(Clone, Debug, Default)]
-pub struct AuthInterceptor {
-    header: Option<AsciiMetadataValue>,
-}
-
-impl AuthInterceptor {
-    /// An interceptor for this token. An empty token counts as none. Fails
-    /// with a usage error when the token cannot be sent as a header value.
-    pub fn new(token: Option<&str>) -> Result<AuthInterceptor, CliError> {
-        let token = token.map(str::trim).filter(|t| !t.is_empty());
-        let header = match token {
-            None => None,
-            Some(token) => {
-                let mut value =
-                    MetadataValue::try_from(format!("Bearer {token}")).map_err(|_| {
-                        CliError::Usage(
-                        "--token / ORCH_TOKEN contains characters that cannot be sent in a header"
-                            .to_owned(),
-                    )
-                    })?;
-                value.set_sensitive(true);
-                Some(value)
-            }
-        };
-        Ok(AuthInterceptor { header })
-    }
-}
-
-impl Interceptor for AuthInterceptor {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(value) = &self.header {
-            request
-                .metadata_mut()
-                .insert("authorization", value.clone());
-        }
-        Ok(request)
-    }
+/// The credentials of `--token`/`ORCH_TOKEN`; a token that cannot be sent
+/// as a header is a usage error (exit 2).
+pub fn auth(token: Option<&str>) -> Result<BearerAuth, CliError> {
+    BearerAuth::new(token).map_err(|_| {
+        CliError::Usage(
+            "--token / ORCH_TOKEN contains characters that cannot be sent in a header".to_owned(),
+        )
+    })
 }
 
 /// The server URL with `http://` added when it has no scheme.
@@ -110,7 +75,7 @@ pub async fn connect(
     token: Option<&str>,
     tls: &ClientTls,
 ) -> Result<Client, CliError> {
-    let interceptor = AuthInterceptor::new(token)?;
+    let interceptor = auth(token)?;
     let mut endpoint = endpoint(server)?;
     let url = endpoint.uri().to_string();
     let url = url.trim_end_matches('/').to_owned();
@@ -174,29 +139,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn interceptor_adds_bearer_token() {
-        let mut interceptor = AuthInterceptor::new(Some("s3cret")).unwrap();
-        let request = interceptor.call(tonic::Request::new(())).unwrap();
-        assert_eq!(
-            request.metadata().get("authorization").unwrap(),
-            "Bearer s3cret"
-        );
-        // The token is not printed by Debug.
-        assert!(!format!("{interceptor:?}").contains("s3cret"));
-    }
-
-    #[test]
-    fn interceptor_without_token_adds_nothing() {
-        for token in [None, Some(""), Some("  ")] {
-            let mut interceptor = AuthInterceptor::new(token).unwrap();
-            let request = interceptor.call(tonic::Request::new(())).unwrap();
-            assert!(request.metadata().get("authorization").is_none());
-        }
-    }
-
-    #[test]
     fn token_that_cannot_be_a_header_is_a_usage_error() {
-        let err = AuthInterceptor::new(Some("a\nb")).unwrap_err();
+        let err = auth(Some("a\nb")).unwrap_err();
         assert_eq!(err.exit_code(), 2);
         assert!(!err.to_string().contains("a\nb"));
     }

@@ -6,12 +6,11 @@
 
 use std::time::Duration;
 
+use orchestrator::auth::BearerAuth;
 use orchestrator::proto::v1::worker_service_client::WorkerServiceClient;
-use tonic::metadata::{Ascii, MetadataValue};
-use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Code, Request, Status};
+use tonic::{Code, Request};
 
 use crate::config::WorkerConfig;
 use crate::error::WorkerError;
@@ -22,31 +21,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub(crate) const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The WorkerService client with the worker's credentials.
-pub(crate) type Client = WorkerServiceClient<InterceptedService<Channel, Auth>>;
+pub(crate) type Client = WorkerServiceClient<InterceptedService<Channel, BearerAuth>>;
 
-/// Adds `authorization: Bearer <token>` to every call when a token is set.
-#[derive(Clone)]
-pub(crate) struct Auth(Option<MetadataValue<Ascii>>);
-
-impl Interceptor for Auth {
-    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        if let Some(value) = &self.0 {
-            request
-                .metadata_mut()
-                .insert("authorization", value.clone());
-        }
-        Ok(request)
-    }
-}
-
-fn auth(token: Option<&str>) -> Result<Auth, WorkerError> {
-    let Some(token) = token.filter(|t| !t.is_empty()) else {
-        return Ok(Auth(None));
-    };
-    let value = format!("Bearer {token}")
-        .parse::<MetadataValue<Ascii>>()
-        .map_err(|_| WorkerError::Config("--token must be printable ASCII".into()))?;
-    Ok(Auth(Some(value)))
+fn auth(token: Option<&str>) -> Result<BearerAuth, WorkerError> {
+    BearerAuth::new(token)
+        .map_err(|_| WorkerError::Config("--token must be printable ASCII".into()))
 }
 
 /// A client for `config.server` (or `config.channel`); connects on first
@@ -176,6 +155,7 @@ pub(crate) async fn check_server(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tonic::service::Interceptor;
 
     #[test]
     fn the_token_becomes_a_bearer_header() {

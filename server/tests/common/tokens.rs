@@ -3,15 +3,12 @@
 
 use std::path::PathBuf;
 
-use orchestrator::auth::{Role, TokenEntry};
+use orchestrator::auth::{BearerAuth, Role, TokenEntry};
 use orchestrator::proto::v1::job_service_client::JobServiceClient;
 use orchestrator::proto::v1::worker_service_client::WorkerServiceClient;
 use serde_json::Value;
-use tonic::metadata::{Ascii, MetadataValue};
-use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
-use tonic::{Request, Status};
 
 use super::TestServer;
 
@@ -29,23 +26,9 @@ pub fn tokens_file(dir: &tempfile::TempDir, entries: &[(&str, Role, &str, &str)]
     path
 }
 
-/// Sets the `authorization` metadata to exactly this value (or none).
-#[derive(Clone)]
-pub struct Header(Option<MetadataValue<Ascii>>);
-
-impl Interceptor for Header {
-    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        if let Some(value) = &self.0 {
-            request
-                .metadata_mut()
-                .insert("authorization", value.clone());
-        }
-        Ok(request)
-    }
-}
-
-pub fn header(value: Option<&str>) -> Header {
-    Header(value.map(|v| v.parse().unwrap()))
+/// Sends exactly this `authorization` value (or none), malformed or not.
+pub fn header(value: Option<&str>) -> BearerAuth {
+    BearerAuth::raw(value.map(|v| v.parse().unwrap()))
 }
 
 pub fn bearer(token: &str) -> Option<String> {
@@ -63,14 +46,14 @@ pub async fn channel(server: &TestServer) -> Channel {
 pub async fn jobs_as(
     server: &TestServer,
     value: Option<&str>,
-) -> JobServiceClient<InterceptedService<Channel, Header>> {
+) -> JobServiceClient<InterceptedService<Channel, BearerAuth>> {
     JobServiceClient::with_interceptor(channel(server).await, header(value))
 }
 
 pub async fn workers_as(
     server: &TestServer,
     value: Option<&str>,
-) -> WorkerServiceClient<InterceptedService<Channel, Header>> {
+) -> WorkerServiceClient<InterceptedService<Channel, BearerAuth>> {
     WorkerServiceClient::with_interceptor(channel(server).await, header(value))
 }
 
