@@ -212,7 +212,7 @@ if cancel:
       f"max {fmt(cancel_client.get('max'), 2)} ms (targets: p50 ≤ {CANCEL_TARGETS['p50']} ms, "
       f"p99 ≤ {CANCEL_TARGETS['p99']} ms); by the job's own timestamps (`updatedAt` when the cancel was recorded → "
       f"`finishedAt`): p50 {fmt(cancel_server.get('p50'))}, p99 {fmt(cancel_server.get('p99'))} ms. orchd pushes the "
-      "cancel to the worker that runs the job (its control queue on RabbitMQ); the worker's 250 ms heartbeat poll "
+      "cancel to the worker that runs the job (its control queue on RabbitMQ); the worker's 1 s heartbeat poll "
       "is only the fallback.")
     p()
 p("*exactly once*: every submitted job is COMPLETED (cancellation scenario: CANCELLED) and its history holds "

@@ -86,8 +86,10 @@ pub struct WorkerConfig {
     /// How often running attempts are checked for cancellation (one batched
     /// Heartbeat for all of them, sent only while jobs run): the fallback
     /// for a pushed cancel that got lost. `0s` turns fast polling off: such
-    /// cancellations are then seen every heartbeat interval.
-    #[arg(long, env = "ORCH_CANCEL_POLL_INTERVAL", default_value = "250ms", value_parser = humantime::parse_duration)]
+    /// cancellations are then seen every heartbeat interval. 1s, not
+    /// faster: cancels are pushed, and every poll renews every running
+    /// lease in the store.
+    #[arg(long, env = "ORCH_CANCEL_POLL_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub cancel_poll_interval: Duration,
 
     /// Receive cancellations that orchd pushes to this worker's own control
@@ -342,7 +344,7 @@ mod tests {
         assert!(c.concurrency >= 1);
         assert_eq!(c.lease, Duration::from_secs(30));
         assert_eq!(c.heartbeat_interval, Duration::from_secs(3));
-        assert_eq!(c.cancel_poll_interval, Duration::from_millis(250));
+        assert_eq!(c.cancel_poll_interval, Duration::from_secs(1));
         assert!(c.cancel_push);
         assert_eq!(c.cancel_grace, Duration::from_secs(5));
         assert_eq!(c.drain_timeout, Duration::from_secs(30));
@@ -350,7 +352,7 @@ mod tests {
         assert_eq!(c.token, None);
         assert!(c.ca_cert.is_none() && c.client_cert.is_none() && c.amqp_ca_cert.is_none());
         assert_eq!(c.log_format, LogFormat::Text);
-        assert_eq!(c.tick_interval(), Duration::from_millis(250));
+        assert_eq!(c.tick_interval(), Duration::from_secs(1));
         c.validate().unwrap();
     }
 

@@ -89,7 +89,7 @@ async fn a_pushed_cancel_alone_stops_a_running_job_over_rabbitmq() {
 
 /// Injects: the push dropped (the worker runs with `--cancel-push=false`, so
 /// it has no control queue and orchd's push is unroutable). Asserts: the
-/// heartbeat poll (default 250ms) still cancels the running job.
+/// heartbeat poll (default 1s) still cancels the running job.
 #[tokio::test]
 async fn without_the_push_the_heartbeat_poll_still_cancels() {
     let orchd = Orchd::start().await;
