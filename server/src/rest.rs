@@ -16,6 +16,7 @@ use futures::StreamExt;
 use orchestrator::auth::{Authenticator, Caller};
 use orchestrator::error::{Error, http_status};
 use orchestrator::proto::v1::{ListJobsRequest, SubmitJobRequest, SubmitJobsRequest, job};
+use orchestrator::validate;
 use serde::Serialize;
 use tonic::Code;
 
@@ -125,8 +126,7 @@ async fn submit_job(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
     let body = body_bytes(body)?;
-    let request: SubmitJobRequest = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::new(Code::InvalidArgument, format!("invalid JSON body: {e}")))?;
+    let request: SubmitJobRequest = validate::json_body(&body)?;
     json(&state.service.submit(request, &caller).await?)
 }
 
@@ -136,8 +136,7 @@ async fn submit_jobs(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
     let body = body_bytes(body)?;
-    let request: SubmitJobsRequest = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::new(Code::InvalidArgument, format!("invalid JSON body: {e}")))?;
+    let request: SubmitJobsRequest = validate::json_body(&body)?;
     json(&state.service.submit_many(request, &caller).await?)
 }
 
