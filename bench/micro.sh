@@ -59,7 +59,9 @@ for bench in root.glob("**/new/benchmark.json"):
         continue
     meta = json.loads(bench.read_text())
     est = json.loads(estimates.read_text())
-    mean = est["mean"]
+    # Criterion's headline figure: the slope of time over iterations when
+    # it sampled linearly, else the mean.
+    mean = est.get("slope") or est["mean"]
     ci = mean["confidence_interval"]
     rows.append((
         meta["full_id"],
@@ -84,10 +86,11 @@ lines = [
     f"`bench/micro.sh` (criterion, release build), {time.strftime('%Y-%m-%d %H:%M %Z')}, "
     f"commit {run('git', 'rev-parse', '--short', 'HEAD')}, {run('rustc', '--version')}, "
     f"{os.cpu_count()} cores ({platform.machine()}), warm-up {warmup} s and "
-    f"measurement {measure} s per benchmark. Wall-clock times per operation on a "
-    "shared machine: compare runs on the same machine only.",
+    f"measurement {measure} s per benchmark. Time per operation is criterion's "
+    "estimate (the slope of its linear sampling); wall-clock on a shared machine: "
+    "compare runs on the same machine only.",
     "",
-    "| benchmark | mean | 95% interval of the mean | median | per second |",
+    "| benchmark | time per operation | 95% interval | median | per second |",
     "|---|---:|---:|---:|---:|",
 ]
 for name, mean, low, high, median in rows:

@@ -11,7 +11,7 @@
 # in target/fuzz-corpus/TARGET. Without them (or with
 # ORCH_FUZZ_MODE=stable), it says why and runs the fallback instead: the
 # same target bodies on stable over the seeds and ORCH_FUZZ_ITERATIONS
-# (default 20000) random mutations of them, as the `fuzz_corpus_replays`
+# (default 200000) random mutations of them, as the `fuzz_corpus_replays`
 # test of tests/wire_decoding.rs.
 #
 # A crash fails the script (exit 1). libFuzzer saves the input under
@@ -36,7 +36,7 @@ TARGETS=(rest_submit_body amqp_dispatch)
 SECONDS_PER_TARGET=${ORCH_FUZZ_SECONDS:-30}
 MODE=${ORCH_FUZZ_MODE:-auto}
 SANITIZER=${ORCH_FUZZ_SANITIZER:-none}
-ITERATIONS=${ORCH_FUZZ_ITERATIONS:-20000}
+ITERATIONS=${ORCH_FUZZ_ITERATIONS:-200000}
 RESULTS=target/fuzz-results.md
 
 section() { printf '\n==> %s\n' "$*"; }
@@ -84,11 +84,14 @@ run_stable() {
   local result=passed
   ((status == 0)) || result=FAILED
   for t in "${TARGETS[@]}"; do
-    local line seeds=""
+    local line seeds="" secs=""
     line=$(grep -E "^$t: [0-9]+ seeds and" "$log" | tail -1 || true)
-    [[ -n $line ]] && seeds=$(sed -E 's/^[^:]+: ([0-9]+) seeds.*/\1/' <<<"$line")
-    printf '| %s | stable replay | %s seeds + %s mutations | - | %s |\n' \
-      "$t" "${seeds:-?}" "$ITERATIONS" "$result" >>"$RESULTS"
+    if [[ -n $line ]]; then
+      seeds=$(sed -E 's/^[^:]+: ([0-9]+) seeds.*/\1/' <<<"$line")
+      secs=$(sed -E 's/.* in ([0-9.]+)s .*/\1/' <<<"$line")
+    fi
+    printf '| %s | stable replay | %s seeds + %s mutations | %ss | %s |\n' \
+      "$t" "${seeds:-?}" "$ITERATIONS" "${secs:-?}" "$result" >>"$RESULTS"
   done
   ((status == 0)) || die "the stable replay found a failing input (see $log)"
 }

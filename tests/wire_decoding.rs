@@ -534,6 +534,7 @@ fn replay(target: &str, tokens: &[&[u8]], body: fn(&[u8])) {
         .ok()
         .map(|v| v.parse().expect("ORCH_FUZZ_SEED is a number"))
         .unwrap_or_else(rand::random);
+    let started = std::time::Instant::now();
     let pool = seeds(target);
     for input in &pool {
         body(input);
@@ -551,8 +552,9 @@ fn replay(target: &str, tokens: &[&[u8]], body: fn(&[u8])) {
         }
     }
     eprintln!(
-        "{target}: {} seeds and {iterations} mutations (ORCH_FUZZ_SEED={seed}) passed",
-        pool.len()
+        "{target}: {} seeds and {iterations} mutations in {:.1}s (ORCH_FUZZ_SEED={seed}) passed",
+        pool.len(),
+        started.elapsed().as_secs_f64()
     );
 }
 
