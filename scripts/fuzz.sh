@@ -20,7 +20,9 @@
 # and, once fixed, copy it to fuzz/seeds/TARGET/ so the stable replay keeps
 # checking it.
 #
-# Environment: ORCH_FUZZ_SECONDS (per target), ORCH_FUZZ_MODE (auto,
+# Environment: ORCH_FUZZ_SECONDS (per target), ORCH_FUZZ_BUILD (release,
+# the default, or dev: unoptimized, a much shorter cold build for brief
+# runs, about a tenth of the inputs per second), ORCH_FUZZ_MODE (auto,
 # cargo-fuzz: fail when cargo-fuzz cannot run, stable: fallback only),
 # ORCH_FUZZ_ITERATIONS and ORCH_FUZZ_SEED (fallback), ORCH_FUZZ_SANITIZER
 # (default none: the library forbids unsafe code, so panics and overflows are
@@ -36,6 +38,7 @@ TARGETS=(rest_submit_body amqp_dispatch)
 SECONDS_PER_TARGET=${ORCH_FUZZ_SECONDS:-30}
 MODE=${ORCH_FUZZ_MODE:-auto}
 SANITIZER=${ORCH_FUZZ_SANITIZER:-none}
+BUILD=${ORCH_FUZZ_BUILD:-release}
 ITERATIONS=${ORCH_FUZZ_ITERATIONS:-200000}
 RESULTS=target/fuzz-results.md
 
@@ -48,6 +51,7 @@ die() {
 [[ $SECONDS_PER_TARGET =~ ^[1-9][0-9]*$ ]] || die "ORCH_FUZZ_SECONDS must be a positive number of seconds, got '$SECONDS_PER_TARGET'"
 [[ $ITERATIONS =~ ^[0-9]+$ ]] || die "ORCH_FUZZ_ITERATIONS must be a number, got '$ITERATIONS'"
 case $MODE in auto | cargo-fuzz | stable) ;; *) die "ORCH_FUZZ_MODE must be auto, cargo-fuzz or stable, got '$MODE'" ;; esac
+case $BUILD in release | dev) ;; *) die "ORCH_FUZZ_BUILD must be release or dev, got '$BUILD'" ;; esac
 if (($# > 0)); then
   for t in "$@"; do
     [[ " ${TARGETS[*]} " == *" $t "* ]] || die "unknown target '$t' (one of: ${TARGETS[*]})"
@@ -106,6 +110,7 @@ elif [[ -n $REASON ]]; then
   run_stable
 else
   FLAGS=(-s "$SANITIZER" --codegen-units 16)
+  [[ $BUILD == dev ]] && FLAGS+=(--dev)
   section "Building the fuzz targets (${CARGO_NIGHTLY[*]} fuzz build ${FLAGS[*]})"
   "${CARGO_NIGHTLY[@]}" fuzz build "${FLAGS[@]}"
   failed=()

@@ -85,7 +85,16 @@ pub fn name(field: &str, value: &str) -> Result<()> {
 /// whose message says where and what serde_json found. The decoded request
 /// still has to pass its own validation ([`submit`], [`list`]).
 pub fn json_body<T: DeserializeOwned>(body: &[u8]) -> Result<T> {
-    serde_json::from_slice(body).map_err(|e| Error::invalid("body", format!("invalid JSON: {e}")))
+    // pbjson's decoders can panic on values they cannot represent (with
+    // overflow checks on, `"--9223372036854775808s"` overflows a negation,
+    // found by fuzzing): such a body is as malformed as any other.
+    match std::panic::catch_unwind(|| serde_json::from_slice(body)) {
+        Ok(decoded) => decoded.map_err(|e| Error::invalid("body", format!("invalid JSON: {e}"))),
+        Err(_) => Err(Error::invalid(
+            "body",
+            "invalid JSON: a value out of the range of its field",
+        )),
+    }
 }
 
 /// Parses a job id: a UUID in its hyphenated form.
@@ -573,6 +582,24 @@ mod tests {
             Some(Kind::NumberValue(-960842474995071.3))
         );
         assert_eq!(req.retry.unwrap().multiplier, 92.99357415411936);
+    }
+
+    // Found by the fuzzer (fuzz/seeds/rest_submit_body/regression-*): the
+    // duration parser negated i64::MIN, a panic with overflow checks on.
+    #[test]
+    fn durations_out_of_range_fail_on_body_without_a_panic() {
+        for body in [
+            br#"{"kind":"spele","timeout":"--9223372036854775808s",}"#.as_slice(),
+            br#"{"kind":"a","retry":{"maxBackoff":"--9223372036854775808.5s"}}"#,
+        ] {
+            let err = json_body::<SubmitJobRequest>(body).unwrap_err();
+            assert_eq!(field_of(err), "body");
+        }
+        let req: SubmitJobRequest = json_body(br#"{"kind":"a","timeout":"-5s"}"#).unwrap();
+        assert_eq!(
+            field_of(submit(&req, &Limits::default()).unwrap_err()),
+            "timeout"
+        );
     }
 
     #[test]
