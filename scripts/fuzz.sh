@@ -22,7 +22,7 @@
 #
 # Environment: ORCH_FUZZ_SECONDS (per target), ORCH_FUZZ_BUILD (release,
 # the default, or dev: unoptimized, a much shorter cold build for brief
-# runs, about a tenth of the inputs per second), ORCH_FUZZ_MODE (auto,
+# runs, about a sixth of the inputs per second), ORCH_FUZZ_MODE (auto,
 # cargo-fuzz: fail when cargo-fuzz cannot run, stable: fallback only),
 # ORCH_FUZZ_ITERATIONS and ORCH_FUZZ_SEED (fallback), ORCH_FUZZ_SANITIZER
 # (default none: the library forbids unsafe code, so panics and overflows are

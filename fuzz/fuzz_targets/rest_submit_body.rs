@@ -4,6 +4,9 @@
 
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    orchestrator_fuzz::rest_submit_body(data);
-});
+libfuzzer_sys::fuzz_target!(
+    init: orchestrator_fuzz::abort_on_panics_outside_json_decoders(),
+    |data: &[u8]| {
+        orchestrator_fuzz::rest_submit_body(data);
+    }
+);

@@ -40,6 +40,23 @@ pub const SUBMIT_FIELDS: &[&str] = &[
     "timeout",
 ];
 
+/// Installs a panic hook for the cargo-fuzz targets. libFuzzer's own hook
+/// aborts on every panic, even one the code under test catches; but
+/// [`validate::json_body`] catches the panics of pbjson's decoders on
+/// purpose (reporting an invalid body, as production does). This hook lets
+/// those pass silently and keeps libFuzzer's print-and-abort for any other.
+pub fn abort_on_panics_outside_json_decoders() {
+    let abort = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let in_decoder = info
+            .location()
+            .is_some_and(|at| at.file().contains("/pbjson-types-"));
+        if !in_decoder {
+            abort(info);
+        }
+    }));
+}
+
 /// What became of an input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
