@@ -15,12 +15,17 @@
 # (cargo's status).
 #
 # A full run (no package selection) then validates the deployment files
-# with scripts/check-deploy.sh and runs scripts/multihost-test.sh (orchd,
-# workers, Redis and RabbitMQ on separate network namespaces).
+# with scripts/check-deploy.sh, runs scripts/multihost-test.sh (orchd,
+# workers, Redis and RabbitMQ on separate network namespaces) and runs the
+# fuzz targets briefly with scripts/fuzz.sh (cargo-fuzz when a nightly
+# toolchain and cargo-fuzz are there, otherwise its stable fallback).
 #
 # Environment: ORCH_TEST_SKIP_LINT=1 skips fmt and clippy;
 # ORCH_TEST_SKIP_DEPLOY=1 skips the deployment checks;
-# ORCH_TEST_SKIP_MULTIHOST=1 skips the network-namespace test; ORCH_SERVICES_DIR
+# ORCH_TEST_SKIP_MULTIHOST=1 skips the network-namespace test;
+# ORCH_TEST_SKIP_FUZZ=1 skips the fuzzing (ORCH_FUZZ_SECONDS, default 15 here,
+# ORCH_FUZZ_BUILD, default dev here, and ORCH_FUZZ_MODE reach
+# scripts/fuzz.sh); ORCH_SERVICES_DIR
 # sets the services' state directory (default /tmp/orch-test-services; two
 # concurrent runs need different ones).
 set -euo pipefail
@@ -106,6 +111,14 @@ fi
 if ((status == 0)) && ((${#scope[@]} > 0)) && [[ ! ${ORCH_TEST_SKIP_MULTIHOST:-0} =~ ^(1|true|yes)$ ]]; then
   section "Multi-host test: network namespaces (scripts/multihost-test.sh)"
   scripts/multihost-test.sh || status=$?
+fi
+# The fuzz targets, briefly: a crash fails the run.
+if ((status == 0)) && ((${#scope[@]} > 0)) && [[ ! ${ORCH_TEST_SKIP_FUZZ:-0} =~ ^(1|true|yes)$ ]]; then
+  section "Fuzzing (scripts/fuzz.sh)"
+  # A dev build: its cold build is ~4 CPU-minutes (about 2 min on 2 cores),
+  # an optimized one several times that; 15 s per target at ~12k inputs/s.
+  ORCH_FUZZ_SECONDS=${ORCH_FUZZ_SECONDS:-15} ORCH_FUZZ_BUILD=${ORCH_FUZZ_BUILD:-dev} \
+    scripts/fuzz.sh || status=$?
 fi
 if ((status == 0)); then
   section "All tests passed"

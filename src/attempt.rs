@@ -175,6 +175,15 @@ fn start_change(
     }
 }
 
+/// Refuses an empty lease token: the stores read an empty expected token as
+/// "any lease", so a report carrying one would pass the fence.
+fn held_lease(lease_token: &str) -> Result<()> {
+    if lease_token.is_empty() {
+        return Err(Error::invalid("lease_token", "must not be empty"));
+    }
+    Ok(())
+}
+
 fn finish(
     job: &Job,
     to: State,
@@ -193,6 +202,7 @@ fn finish_attempt(
     reason: &str,
     now_ms: i64,
 ) -> Result<Change> {
+    lease_token.map(held_lease).transpose()?;
     state::check(State::Running, to)?;
     Ok(Change {
         expect: Some(State::Running),
@@ -313,9 +323,10 @@ pub fn worker_lost(job: &Job, now_ms: i64, rng: &mut impl Rng) -> Result<Change>
 }
 
 /// The change a heartbeat applies: extend the lease of the attempt that
-/// holds `lease_token`.
-pub fn renew(lease_token: &str, lease: Duration, now_ms: i64) -> Change {
-    Change {
+/// holds `lease_token` (which must not be empty).
+pub fn renew(lease_token: &str, lease: Duration, now_ms: i64) -> Result<Change> {
+    held_lease(lease_token)?;
+    Ok(Change {
         expect: Some(State::Running),
         expect_lease: Some(lease_token.to_owned()),
         to: Some(State::Running),
@@ -325,7 +336,7 @@ pub fn renew(lease_token: &str, lease: Duration, now_ms: i64) -> Change {
         },
         silent: true,
         ..Change::default()
-    }
+    })
 }
 
 #[cfg(test)]
@@ -488,6 +499,28 @@ mod tests {
         assert_eq!(c.to, Some(State::Retrying));
     }
 
+    // Found by the state machine property tests: the stores read an empty
+    // expected token as "any lease", so a heartbeat with an empty token
+    // renewed whatever attempt held the job.
+    #[test]
+    fn reports_without_a_lease_token_are_refused() {
+        let running = job(State::Running, 1, 3);
+        let errors = [
+            renew("", Duration::from_secs(30), 0).unwrap_err(),
+            complete(&running, "", Struct::default(), 0).unwrap_err(),
+            cancelled(&running, "", "", 0).unwrap_err(),
+            fail(&running, Some(""), "boom", false, 0, &mut rng()).unwrap_err(),
+        ];
+        for err in errors {
+            assert!(
+                matches!(&err, Error::InvalidArgument { field, .. } if field == "lease_token"),
+                "{err}"
+            );
+        }
+        // The sweeper fences on the lease expiry instead of a token.
+        assert!(worker_lost(&running, 0, &mut rng()).is_ok());
+    }
+
     #[test]
     fn finishing_requires_the_lease_and_clears_it() {
         let c = complete(&job(State::Running, 1, 3), "tok", Struct::default(), 0).unwrap();
@@ -496,7 +529,7 @@ mod tests {
         assert_eq!(c.to, Some(State::Completed));
         let c = cancelled(&job(State::Running, 1, 3), "tok", "", 0).unwrap();
         assert_eq!(c.error.as_deref(), Some("cancelled by user"));
-        let c = renew("tok", Duration::from_secs(30), 100);
+        let c = renew("tok", Duration::from_secs(30), 100).unwrap();
         assert_eq!(c.lease, LeaseChange::Extend { expires_ms: 30_100 });
         assert_eq!(
             (c.expect, c.to),

@@ -191,6 +191,39 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// A random walk: from CREATED, ask for any state again and again.
+        /// Only the table's transitions are taken, a refusal names both
+        /// states and changes nothing, and the first terminal state is the
+        /// last.
+        #[test]
+        fn random_walks_follow_the_table(
+            asks in proptest::collection::vec(proptest::sample::select(State::ALL.to_vec()), 0..64)
+        ) {
+            let mut state = State::Created;
+            let mut terminal = None;
+            for to in asks {
+                let from = state;
+                match check(from, to) {
+                    Ok(()) => {
+                        proptest::prop_assert!(expected(from, to), "{} -> {} taken", from, to);
+                        state = to;
+                    }
+                    Err(e) => {
+                        proptest::prop_assert!(!expected(from, to), "{} -> {} refused", from, to);
+                        proptest::prop_assert_eq!(e, IllegalTransition { from, to });
+                    }
+                }
+                if let Some(end) = terminal {
+                    proptest::prop_assert_eq!(state, end, "left a terminal state");
+                }
+                if state.is_terminal() {
+                    terminal = Some(state);
+                }
+            }
+        }
+    }
+
     #[test]
     fn names_and_wire_values_round_trip() {
         for s in State::ALL {

@@ -386,7 +386,7 @@ async fn case_expired_leases_are_found_and_fenced(store: Arc<dyn JobStore>) {
         }
     ));
     // The sweeper's change loses to a lease renewed after the expiry it saw.
-    let renew = attempt::renew("tok-1", Duration::from_secs(30), now_ms());
+    let renew = attempt::renew("tok-1", Duration::from_secs(30), now_ms()).unwrap();
     assert!(matches!(
         store.apply(id, &renew).await.unwrap(),
         Applied::Done(_)

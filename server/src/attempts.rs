@@ -175,13 +175,17 @@ impl AttemptService {
         let now = now_ms();
         let worker = req.worker_id.as_str();
         let renewals = req.leases.iter().map(|l| async move {
-            let Ok(id) = validate::job_id(&l.job_id) else {
-                return Ok(LeaseStatus {
-                    job_id: l.job_id.clone(),
-                    ..LeaseStatus::default()
-                });
+            let not_held = || LeaseStatus {
+                job_id: l.job_id.clone(),
+                ..LeaseStatus::default()
             };
-            let change = attempt::renew(&l.lease_token, lease, now);
+            let Ok(id) = validate::job_id(&l.job_id) else {
+                return Ok(not_held());
+            };
+            // An empty token holds no lease (the stores would read it as any).
+            let Ok(change) = attempt::renew(&l.lease_token, lease, now) else {
+                return Ok(not_held());
+            };
             let status = match self.store.apply(id, &change).await? {
                 Applied::Done(job) => LeaseStatus {
                     job_id: l.job_id.clone(),
@@ -191,10 +195,7 @@ impl AttemptService {
                 },
                 Applied::Conflict { .. } | Applied::NotFound => {
                     tracing::info!(job_id = %id, worker_id = %worker, "heartbeat for a lease no longer held");
-                    LeaseStatus {
-                        job_id: l.job_id.clone(),
-                        ..LeaseStatus::default()
-                    }
+                    not_held()
                 }
             };
             Ok::<_, Error>(status)

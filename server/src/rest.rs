@@ -20,6 +20,7 @@ use futures::StreamExt;
 use orchestrator::auth::{Authenticator, Caller};
 use orchestrator::error::{Error, http_status, retry_after_secs};
 use orchestrator::proto::v1::{ListJobsRequest, SubmitJobRequest, SubmitJobsRequest, job};
+use orchestrator::validate;
 use serde::Serialize;
 use tonic::Code;
 use tower::ServiceBuilder;
@@ -176,8 +177,7 @@ async fn submit_job(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
     let body = body_bytes(body, limit)?;
-    let request: SubmitJobRequest = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::new(Code::InvalidArgument, format!("invalid JSON body: {e}")))?;
+    let request: SubmitJobRequest = validate::json_body(&body)?;
     json(&state.service.submit(request, &caller).await?)
 }
 
@@ -188,8 +188,7 @@ async fn submit_jobs(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult {
     let body = body_bytes(body, limit)?;
-    let request: SubmitJobsRequest = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::new(Code::InvalidArgument, format!("invalid JSON body: {e}")))?;
+    let request: SubmitJobsRequest = validate::json_body(&body)?;
     json(&state.service.submit_many(request, &caller).await?)
 }
 

@@ -615,7 +615,7 @@ async fn deeply_nested_json_is_a_clear_400_not_a_crash() {
         assert_eq!(answer.status, 400, "body {i}: {}", answer.body);
         assert_eq!(answer.body["code"], Code::InvalidArgument as i32);
         assert!(
-            message(&answer).starts_with("invalid JSON body"),
+            message(&answer).contains("invalid JSON"),
             "body {i}: {}",
             message(&answer)
         );

@@ -8,8 +8,9 @@ use std::time::Duration;
 use common::{TestServer, eventually, fresh_queue, next_dispatch, spec};
 use orchestrator::proto::v1::start_attempt_response::Decision;
 use orchestrator::proto::v1::{
-    CancelJobRequest, FinishAttemptRequest, GetJobRequest, Job, ListJobsRequest,
-    StartAttemptRequest, SubmitJobRequest, WatchJobRequest, finish_attempt_request::Outcome, job,
+    CancelJobRequest, FinishAttemptRequest, GetJobRequest, HeartbeatRequest, Job, Lease,
+    ListJobsRequest, StartAttemptRequest, SubmitJobRequest, WatchJobRequest,
+    finish_attempt_request::Outcome, job,
 };
 use serde_json::{Value, json};
 use tokio_stream::StreamExt;
@@ -410,6 +411,72 @@ async fn cancel_semantics_by_state() {
     server.stop().await;
 }
 
+// Found by the state machine property tests: the stores read an empty
+// expected lease token as "any", so a heartbeat carrying an empty token
+// renewed the lease of whichever attempt held the job. Injects heartbeats
+// with an empty and a wrong token; asserts only the real one holds.
+#[tokio::test]
+async fn heartbeats_renew_only_the_lease_they_carry() {
+    let server = TestServer::start().await;
+    let mut client = server.jobs().await;
+    let job = client
+        .submit_job(spec("sleep", &fresh_queue()))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut workers = server.workers().await;
+    let started = workers
+        .start_attempt(StartAttemptRequest {
+            job_id: job.id.clone(),
+            worker_id: "w".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(started.decision, Decision::Run as i32);
+    let before = client
+        .get_job(GetJobRequest {
+            job_id: job.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    for (token, held) in [
+        (String::new(), false),
+        ("not-the-token".to_owned(), false),
+        (started.lease_token.clone(), true),
+    ] {
+        let reply = workers
+            .heartbeat(HeartbeatRequest {
+                worker_id: "w".into(),
+                leases: vec![Lease {
+                    job_id: job.id.clone(),
+                    lease_token: token.clone(),
+                }],
+                lease: None,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(reply.leases.len(), 1);
+        assert_eq!(reply.leases[0].held, held, "token {token:?}");
+        assert_eq!(reply.leases[0].lease_expires_at.is_some(), held);
+    }
+    let after = client
+        .get_job(GetJobRequest { job_id: job.id })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(after, before, "heartbeats change nothing a client sees");
+    server.stop().await;
+}
+
+/// A JSON object nested `depth` levels deep.
+fn nested(depth: usize) -> serde_json::Value {
+    (1..depth).fold(json!({"leaf": 1}), |inner, _| json!({ "a": inner }))
+}
+
 #[tokio::test]
 async fn rest_bad_input_is_rejected_and_changes_nothing() {
     let mut config = orchestrator_server::ServeConfig::local(
@@ -478,6 +545,13 @@ async fn rest_bad_input_is_rejected_and_changes_nothing() {
             json!({"kind": "sleep", "queue": "Bad Queue"}).to_string(),
             400,
             "invalid queue",
+        ),
+        // Deeper than protobuf decoders read back: it used to be stored as a
+        // job that every later read failed on.
+        (
+            json!({"kind": "echo", "queue": queue, "payload": nested(40)}).to_string(),
+            400,
+            "invalid payload",
         ),
     ];
     for (body, want_status, want_message) in cases {
