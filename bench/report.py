@@ -171,6 +171,9 @@ p("Latency is measured the same way on both sides: from the submit call to the m
   "`WatchJob` streams the job COMPLETED).")
 p()
 
+p("What was tried for these figures, the profile that led to each change and what it bought: "
+  "[bench/HISTORY.md](bench/HISTORY.md).")
+p()
 p("## This project, every scenario")
 p()
 p("| scenario | jobs | exactly once | submit /s | end-to-end /s | server latency p50 / p90 / p99 / max, ms |")
