@@ -91,6 +91,75 @@ pub fn start(
     )))
 }
 
+/// What a user's cancel does to `job`.
+#[derive(Debug, Clone)]
+pub enum CancelStep {
+    /// Nothing to write: the job is CANCELLED already, or RUNNING with its
+    /// cancel requested already.
+    Nothing,
+    /// Write this change: CREATED or RETRYING become CANCELLED at once; a
+    /// RUNNING job gets `cancel_requested` for its worker to act on.
+    Apply(Box<Change>),
+}
+
+/// The rule of a user's cancel, by `actor` (the token's name; `None` when
+/// authentication is off). COMPLETED and FAILED jobs cannot be cancelled.
+pub fn user_cancel(job: &Job, actor: Option<&str>, now_ms: i64) -> Result<CancelStep> {
+    let current = state_of(job)?;
+    let cancelled = match actor {
+        Some(name) => format!("cancelled by {name}"),
+        None => "cancelled by user".to_owned(),
+    };
+    Ok(CancelStep::Apply(Box::new(match current {
+        State::Cancelled => return Ok(CancelStep::Nothing),
+        State::Completed | State::Failed => {
+            return Err(Error::FailedPrecondition {
+                state: current,
+                message: "only CREATED, RETRYING or RUNNING jobs can be cancelled".into(),
+            });
+        }
+        State::Running if job.cancel_requested => return Ok(CancelStep::Nothing),
+        State::Running => Change {
+            expect: Some(State::Running),
+            to: Some(State::Running),
+            at_ms: now_ms,
+            cancel_requested: Some(true),
+            history: actor.map(|name| {
+                transition(
+                    State::Running,
+                    State::Running,
+                    now_ms,
+                    job.attempt,
+                    &format!("cancel requested by {name}"),
+                    &job.worker_id,
+                )
+            }),
+            ..Change::default()
+        },
+        State::Created | State::Retrying => {
+            state::check(current, State::Cancelled)?;
+            Change {
+                expect: Some(current),
+                to: Some(State::Cancelled),
+                at_ms: now_ms,
+                history: Some(transition(
+                    current,
+                    State::Cancelled,
+                    now_ms,
+                    job.attempt,
+                    &cancelled,
+                    "",
+                )),
+                error: Some(cancelled),
+                finished: true,
+                next_attempt_ms: Some(None),
+                due: Due::Remove,
+                ..Change::default()
+            }
+        }
+    })))
+}
+
 /// What a dispatch message says about the attempt it is meant to start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Dispatched {

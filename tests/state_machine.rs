@@ -23,14 +23,14 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use orchestrator::attempt::{self, Refusal, transition};
+use orchestrator::attempt::{self, Refusal};
 use orchestrator::error::Error;
 use orchestrator::job::job_state;
 use orchestrator::proto::v1::{Job, SubmitJobRequest};
 use orchestrator::state::{self, State};
 use orchestrator::store::embedded::EmbeddedStore;
 use orchestrator::store::redis::{RedisStore, RedisStoreConfig};
-use orchestrator::store::{Applied, Change, Created, Due, JobStore};
+use orchestrator::store::{Applied, Change, Created, JobStore};
 use orchestrator::validate::{self, Limits};
 use orchestrator_testkit::{shared_redis_url, unique_name};
 use pbjson_types::Struct;
@@ -205,9 +205,9 @@ async fn step(store: &dyn JobStore, id: Uuid, job: &Job, model: &Model, op: &Op)
         Op::Cancelled(t) => refused_if_invalid(attempt::cancelled(job, &model.token(*t), "", now)),
         Op::Renew(t) => refused_if_invalid(attempt::renew(&model.token(*t), LEASE, now)),
         Op::WorkerLost => Ok(attempt::worker_lost(job, now, &mut rng).expect("worker_lost")),
-        Op::Cancel => match user_cancel(job, current, now) {
-            Ok(Some(change)) => Ok(change),
-            Ok(None) => Err(Outcome::NoOp),
+        Op::Cancel => match attempt::user_cancel(job, Some("alice"), now) {
+            Ok(attempt::CancelStep::Apply(change)) => Ok(*change),
+            Ok(attempt::CancelStep::Nothing) => Err(Outcome::NoOp),
             Err(Error::FailedPrecondition { .. }) => Err(Outcome::Refused),
             Err(e) => panic!("cancel: {e}"),
         },
@@ -234,57 +234,6 @@ fn refused_if_invalid(change: orchestrator::Result<Change>) -> Result<Change, Ou
         }
         Err(e) => panic!("unexpected error: {e}"),
     }
-}
-
-/// `JobService::cancel`'s change for a job in `current`; `None` when the
-/// job is already cancelled or its cancel already requested.
-fn user_cancel(job: &Job, current: State, now: i64) -> orchestrator::Result<Option<Change>> {
-    Ok(Some(match current {
-        State::Cancelled => return Ok(None),
-        State::Completed | State::Failed => {
-            return Err(Error::FailedPrecondition {
-                state: current,
-                message: "only CREATED, RETRYING or RUNNING jobs can be cancelled".into(),
-            });
-        }
-        State::Running if job.cancel_requested => return Ok(None),
-        State::Running => Change {
-            expect: Some(State::Running),
-            to: Some(State::Running),
-            at_ms: now,
-            cancel_requested: Some(true),
-            history: Some(transition(
-                State::Running,
-                State::Running,
-                now,
-                job.attempt,
-                "cancel requested by alice",
-                &job.worker_id,
-            )),
-            ..Change::default()
-        },
-        State::Created | State::Retrying => {
-            state::check(current, State::Cancelled)?;
-            Change {
-                expect: Some(current),
-                to: Some(State::Cancelled),
-                at_ms: now,
-                history: Some(transition(
-                    current,
-                    State::Cancelled,
-                    now,
-                    job.attempt,
-                    "cancelled by alice",
-                    "",
-                )),
-                error: Some("cancelled by alice".into()),
-                finished: true,
-                next_attempt_ms: Some(None),
-                due: Due::Remove,
-                ..Change::default()
-            }
-        }
-    }))
 }
 
 /// What the model says `op` does: the state the job moves to (or stays

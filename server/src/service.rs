@@ -7,15 +7,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::stream::{BoxStream, StreamExt};
-use orchestrator::attempt::transition;
+use orchestrator::attempt::{CancelStep, user_cancel};
 use orchestrator::auth::Caller;
 use orchestrator::error::{Error, Result};
 use orchestrator::job::{job_state, now_ms};
 use orchestrator::proto::v1::{
     Job, ListJobsRequest, ListJobsResponse, SubmitJobRequest, SubmitJobsRequest, SubmitJobsResponse,
 };
-use orchestrator::state::{self, State};
-use orchestrator::store::{Applied, Change, Created, Due, JobStore};
+use orchestrator::state::State;
+use orchestrator::store::{Applied, Created, JobStore};
 use orchestrator::validate::{self, Limits};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -180,65 +180,18 @@ impl JobService {
     /// entry "cancel requested by NAME") unless it is anonymous.
     pub async fn cancel(&self, job_id: &str, caller: &Caller) -> Result<Job> {
         let id = validate::job_id(job_id)?;
-        let cancelled = match caller.actor() {
-            Some(name) => format!("cancelled by {name}"),
-            None => "cancelled by user".to_owned(),
-        };
         for _ in 0..MAX_CAS_RETRIES {
             let job = self.get(job_id, caller).await?;
             let current =
                 job_state(&job).ok_or_else(|| Error::Internal("job without state".into()))?;
-            let now = now_ms();
-            let change = match current {
-                State::Cancelled => return Ok(job),
-                State::Completed | State::Failed => {
-                    return Err(Error::FailedPrecondition {
-                        state: current,
-                        message: "only CREATED, RETRYING or RUNNING jobs can be cancelled".into(),
-                    });
-                }
-                State::Running if job.cancel_requested => {
-                    // Asked again: push again, in case the first push was lost.
-                    self.dispatcher.push_cancel(&job);
-                    return Ok(job);
-                }
-                State::Running => Change {
-                    expect: Some(State::Running),
-                    to: Some(State::Running),
-                    at_ms: now,
-                    cancel_requested: Some(true),
-                    history: caller.actor().map(|name| {
-                        transition(
-                            State::Running,
-                            State::Running,
-                            now,
-                            job.attempt,
-                            &format!("cancel requested by {name}"),
-                            &job.worker_id,
-                        )
-                    }),
-                    ..Change::default()
-                },
-                State::Created | State::Retrying => {
-                    state::check(current, State::Cancelled)?;
-                    Change {
-                        expect: Some(current),
-                        to: Some(State::Cancelled),
-                        at_ms: now,
-                        history: Some(transition(
-                            current,
-                            State::Cancelled,
-                            now,
-                            job.attempt,
-                            &cancelled,
-                            "",
-                        )),
-                        error: Some(cancelled.clone()),
-                        finished: true,
-                        next_attempt_ms: Some(None),
-                        due: Due::Remove,
-                        ..Change::default()
+            let change = match user_cancel(&job, caller.actor(), now_ms())? {
+                CancelStep::Apply(change) => *change,
+                CancelStep::Nothing => {
+                    if current == State::Running {
+                        // Asked again: push again, in case the first push was lost.
+                        self.dispatcher.push_cancel(&job);
                     }
+                    return Ok(job);
                 }
             };
             match self.store.apply(id, &change).await? {
