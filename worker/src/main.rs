@@ -6,9 +6,6 @@ use orchestrator::process;
 use orchestrator_worker::{LogFormat, Registry, WorkerConfig};
 use tokio_util::sync::CancellationToken;
 
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = WorkerConfig::parse();
