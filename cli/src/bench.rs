@@ -683,22 +683,20 @@ impl Report {
             table.row(["retried jobs".to_owned(), v.retried.to_string()]);
         }
         if let Some(l) = &self.cancel_latency_ms {
-            table.row([
-                "cancel latency, client".to_owned(),
-                format!(
-                    "p50 {:.2}  p90 {:.2}  p99 {:.2}  max {:.2} ms (CancelJob call → CANCELLED seen)",
-                    l.p50, l.p90, l.p99, l.max
-                ),
-            ]);
+            table.row(latency_row(
+                "cancel latency, client",
+                l,
+                2,
+                "CancelJob call → CANCELLED seen",
+            ));
         }
         if let Some(l) = &self.cancel_server_latency_ms {
-            table.row([
-                "cancel latency, server".to_owned(),
-                format!(
-                    "p50 {:.0}  p90 {:.0}  p99 {:.0}  max {:.0} ms (cancel recorded → finishedAt)",
-                    l.p50, l.p90, l.p99, l.max
-                ),
-            ]);
+            table.row(latency_row(
+                "cancel latency, server",
+                l,
+                0,
+                "cancel recorded → finishedAt",
+            ));
         }
         if self.mode == Mode::Cancel {
             out.push_str(&table.render(""));
@@ -720,27 +718,37 @@ impl Report {
             ),
         ]);
         if let Some(l) = &self.client_latency_ms {
-            table.row([
-                "latency, client".to_owned(),
-                format!(
-                    "p50 {:.2}  p90 {:.2}  p99 {:.2}  max {:.2} ms (submit call → COMPLETED seen)",
-                    l.p50, l.p90, l.p99, l.max
-                ),
-            ]);
+            table.row(latency_row(
+                "latency, client",
+                l,
+                2,
+                "submit call → COMPLETED seen",
+            ));
         }
         if let Some(l) = &self.latency_ms {
-            table.row([
-                "latency, server".to_owned(),
-                format!(
-                    "p50 {:.0}  p90 {:.0}  p99 {:.0}  max {:.0} ms (createdAt → finishedAt)",
-                    l.p50, l.p90, l.p99, l.max
-                ),
-            ]);
+            table.row(latency_row(
+                "latency, server",
+                l,
+                0,
+                "createdAt → finishedAt",
+            ));
         }
         out.push_str(&table.render(""));
         push_problems(&mut out, v);
         out
     }
+}
+
+/// One table row of percentiles, shown with `digits` decimals, and what
+/// was timed.
+fn latency_row(label: &str, l: &Latency, digits: usize, what: &str) -> [String; 2] {
+    let (p50, p90, p99, max) = (l.p50, l.p90, l.p99, l.max);
+    [
+        label.to_owned(),
+        format!(
+            "p50 {p50:.digits$}  p90 {p90:.digits$}  p99 {p99:.digits$}  max {max:.digits$} ms ({what})"
+        ),
+    ]
 }
 
 fn push_problems(out: &mut String, v: &Verdict) {
