@@ -234,7 +234,7 @@ impl AttemptService {
             change.expect_namespace = caller.confined_to().map(str::to_owned);
             match self.store.apply(id, &change).await? {
                 Applied::Done(job) => {
-                    tracing::info!(job_id = %id, attempt = job.attempt, state = ?change.to, "attempt finished");
+                    log_finished(id, job.attempt, change.to);
                     return Ok(*job);
                 }
                 Applied::NotFound => return Err(Error::NotFound(id.to_string())),
@@ -269,7 +269,7 @@ impl AttemptService {
             };
             match self.store.apply(id, &change).await? {
                 Applied::Done(job) => {
-                    tracing::info!(job_id = %id, attempt = job.attempt, state = ?change.to, "attempt finished");
+                    log_finished(id, job.attempt, change.to);
                     return Ok(*job);
                 }
                 Applied::NotFound => return Err(Error::NotFound(id.to_string())),
@@ -324,7 +324,7 @@ fn started(
     now: i64,
     lease: Duration,
 ) -> StartAttemptResponse {
-    tracing::info!(job_id = %id, worker_id = %worker_id, attempt = job.attempt, "attempt started");
+    tracing::debug!(job_id = %id, worker_id = %worker_id, attempt = job.attempt, "attempt started");
     StartAttemptResponse {
         decision: Decision::Run as i32,
         job: Some(job),
@@ -348,5 +348,15 @@ pub async fn run_sweeper(service: AttemptService, interval: Duration, shutdown: 
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(interval) => {}
         }
+    }
+}
+
+/// A finished attempt: a completion is routine (debug, like every per-job
+/// line), a failure, retry or cancellation is news (info).
+fn log_finished(id: Uuid, attempt: u32, to: Option<State>) {
+    if to == Some(State::Completed) {
+        tracing::debug!(job_id = %id, attempt, state = ?to, "attempt finished");
+    } else {
+        tracing::info!(job_id = %id, attempt, state = ?to, "attempt finished");
     }
 }

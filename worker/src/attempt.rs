@@ -274,7 +274,7 @@ pub(crate) async fn run(shared: Arc<Shared>, started: Started) {
     shared
         .leases
         .insert(&job_id, job.attempt, &lease_token, control.clone());
-    tracing::info!(job_id = %job_id, kind = %job.kind, attempt = job.attempt, "attempt started");
+    tracing::debug!(job_id = %job_id, kind = %job.kind, attempt = job.attempt, "attempt started");
     let attempt = job.attempt;
     let report = execute(&shared, job, &control).await;
     if let Some(report) = report {
@@ -390,7 +390,12 @@ async fn finish(
                 let state = orchestrator::job::job_state(&job)
                     .map(|s| s.to_string())
                     .unwrap_or_default();
-                tracing::info!(job_id = %job_id, outcome = label, state = %state, "attempt reported");
+                // Success is debug, like orchd's per-job lines; the rest is news.
+                if label == "completed" {
+                    tracing::debug!(job_id = %job_id, outcome = label, state = %state, "attempt reported");
+                } else {
+                    tracing::info!(job_id = %job_id, outcome = label, state = %state, "attempt reported");
+                }
                 return;
             }
             Err(status) => status,
