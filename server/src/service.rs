@@ -15,6 +15,7 @@ use orchestrator::proto::v1::{
     Job, ListJobsRequest, ListJobsResponse, SubmitJobRequest, SubmitJobsRequest, SubmitJobsResponse,
 };
 use orchestrator::state::State;
+use orchestrator::store::changes::Notice;
 use orchestrator::store::{Applied, Created, JobStore};
 use orchestrator::validate::{self, Limits};
 use tokio_util::sync::CancellationToken;
@@ -254,18 +255,35 @@ impl JobService {
     }
 }
 
+/// Whether `snapshot`, pushed by a write in this process, is newer than
+/// `last`, the job as the watcher last showed it: `Some(true)` when it is,
+/// `Some(false)` when it is not, `None` when only a re-read can tell.
+/// Every transition appends to the history, so a longer history is a later
+/// job; writes can finish out of order, so a shorter one is an earlier
+/// job. Equal lengths with different contents (a change that adds no
+/// history entry) need a re-read.
+fn newer(last: Option<&Job>, snapshot: &Job) -> Option<bool> {
+    let last = last?;
+    match snapshot.history.len().cmp(&last.history.len()) {
+        std::cmp::Ordering::Greater => Some(true),
+        std::cmp::Ordering::Less => Some(false),
+        std::cmp::Ordering::Equal if snapshot == last => Some(false),
+        std::cmp::Ordering::Equal => None,
+    }
+}
+
 fn watch_stream(
     store: Arc<dyn JobStore>,
     id: Uuid,
     first: Job,
-    changes: BoxStream<'static, ()>,
+    changes: BoxStream<'static, Notice>,
 ) -> BoxStream<'static, Result<Job>> {
     struct Watch {
         store: Arc<dyn JobStore>,
         id: Uuid,
         pending: Option<Job>,
         last: Option<Job>,
-        changes: BoxStream<'static, ()>,
+        changes: BoxStream<'static, Notice>,
         resync: Duration,
         done: bool,
     }
@@ -292,10 +310,22 @@ fn watch_stream(
                 }
             }
             // Wait for a notification, or re-read now and then regardless.
-            if let Ok(None) = tokio::time::timeout(w.resync, w.changes.next()).await {
-                // The subscription ended (Redis went away): poll instead.
-                w.changes = futures::stream::pending().boxed();
-                w.resync = WATCH_POLL;
+            match tokio::time::timeout(w.resync, w.changes.next()).await {
+                Ok(Some(Notice::Snapshot(job))) => match newer(w.last.as_ref(), &job) {
+                    Some(true) => {
+                        w.pending = Some(Arc::unwrap_or_clone(job));
+                        continue;
+                    }
+                    // Already seen, or older than what was: nothing new.
+                    Some(false) => continue,
+                    None => {}
+                },
+                Ok(Some(Notice::Reread)) | Err(_) => {}
+                Ok(None) => {
+                    // The subscription ended (Redis went away): poll instead.
+                    w.changes = futures::stream::pending().boxed();
+                    w.resync = WATCH_POLL;
+                }
             }
             match w.store.get(w.id).await {
                 Ok(Some(job)) => w.pending = Some(job),
@@ -311,4 +341,36 @@ fn watch_stream(
         }
     })
     .boxed()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::newer;
+    use orchestrator::proto::v1::{Job, Transition};
+
+    fn job(history: usize, state: i32) -> Job {
+        Job {
+            state,
+            history: vec![Transition::default(); history],
+            ..Job::default()
+        }
+    }
+
+    #[test]
+    fn a_pushed_snapshot_is_shown_only_when_it_is_later_than_the_last() {
+        let last = job(2, 2);
+        assert_eq!(newer(Some(&last), &job(3, 3)), Some(true), "longer history");
+        assert_eq!(
+            newer(Some(&last), &job(1, 1)),
+            Some(false),
+            "a write that finished late"
+        );
+        assert_eq!(newer(Some(&last), &last.clone()), Some(false), "seen");
+        assert_eq!(
+            newer(Some(&last), &job(2, 5)),
+            None,
+            "same length, other contents: re-read"
+        );
+        assert_eq!(newer(None, &job(1, 1)), None, "nothing shown yet");
+    }
 }

@@ -41,8 +41,8 @@
 //! transactions, which is what makes each compare-and-set and each due-set
 //! claim atomic against concurrent callers.
 //!
-//! Change notifications are in-process: a broadcast channel of the ids of
-//! jobs that were written, sent after the commit.
+//! Change notifications are in-process: after each commit, the watchers of
+//! the written job (a [`ChangeHub`]) are told to re-read it.
 //!
 //! [redb]: https://www.redb.org
 
@@ -53,13 +53,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use base64::Engine;
-use futures::StreamExt;
 use futures::stream::BoxStream;
 use prost::Message;
 use redb::{Database, ReadTransaction, ReadableTable, Table, TableDefinition, WriteTransaction};
-use tokio::sync::broadcast;
 use uuid::Uuid;
 
+use super::changes::{ChangeHub, Notice};
 use super::{Applied, Change, Created, Due, DueJob, ExpiredLease, JobStore, LeaseChange, Page};
 use crate::error::{Error, Result};
 use crate::job::{NewJob, job_state, ms_to_timestamp};
@@ -99,10 +98,6 @@ const RETENTION: ScoredSetDef = ScoredSetDef {
 /// Most index entries one list request looks at when filters are combined;
 /// past that it returns a short page with a cursor (as the Redis store does).
 const MAX_LIST_SCAN: usize = 5000;
-
-/// Change notifications a slow `changes()` reader may fall behind by before
-/// it gets a (spurious) wakeup instead of the ids it missed.
-const CHANGE_CHANNEL_CAPACITY: usize = 1024;
 
 const SERVICE: &str = "embedded store";
 
@@ -145,7 +140,7 @@ impl Record {
 pub struct EmbeddedStore {
     db: Arc<Database>,
     retention_ms: i64,
-    changes: broadcast::Sender<Uuid>,
+    changes: ChangeHub,
 }
 
 impl EmbeddedStore {
@@ -190,11 +185,10 @@ impl EmbeddedStore {
         let txn = db.begin_write().db()?;
         Tables::open(&txn)?;
         txn.commit().db()?;
-        let (changes, _) = broadcast::channel(CHANGE_CHANNEL_CAPACITY);
         Ok(EmbeddedStore {
             db: Arc::new(db),
             retention_ms: i64::try_from(retention.as_millis()).unwrap_or(i64::MAX),
-            changes,
+            changes: ChangeHub::new(),
         })
     }
 
@@ -239,8 +233,7 @@ impl EmbeddedStore {
     }
 
     fn notify(&self, id: Uuid) {
-        // No receivers is fine: nobody is watching.
-        let _ = self.changes.send(id);
+        self.changes.notify(id, || Notice::Reread);
     }
 }
 
@@ -854,21 +847,8 @@ impl JobStore for EmbeddedStore {
         self.write(move |t| t.purge(now_ms, limit)).await
     }
 
-    async fn changes(&self, id: Uuid) -> Result<BoxStream<'static, ()>> {
-        let rx = self.changes.subscribe();
-        Ok(futures::stream::unfold(rx, move |mut rx| async move {
-            loop {
-                match rx.recv().await {
-                    Ok(changed) if changed == id => return Some(((), rx)),
-                    Ok(_) => {}
-                    // The missed ids may have included this job's.
-                    Err(broadcast::error::RecvError::Lagged(_)) => return Some(((), rx)),
-                    // Every store clone is gone; so are all future changes.
-                    Err(broadcast::error::RecvError::Closed) => return None,
-                }
-            }
-        })
-        .boxed())
+    async fn changes(&self, id: Uuid) -> Result<BoxStream<'static, Notice>> {
+        Ok(self.changes.watch(id, || {}, None))
     }
 
     async fn namespaces(&self) -> Result<Vec<String>> {

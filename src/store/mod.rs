@@ -7,8 +7,10 @@
 //! the job is still in that state, atomically with the history entry, the
 //! index moves and the due-set update.
 
+pub mod changes;
 pub mod embedded;
 pub mod redis;
+pub mod subscriber;
 
 use async_trait::async_trait;
 use futures::stream::BoxStream;
@@ -218,9 +220,11 @@ pub trait JobStore: Send + Sync + 'static {
     /// `now_ms`, with their index entries. Returns how many went.
     async fn purge_expired(&self, now_ms: i64, limit: usize) -> Result<usize>;
 
-    /// A stream that yields whenever the job may have changed. It may yield
-    /// spuriously; readers re-read the job.
-    async fn changes(&self, id: Uuid) -> Result<BoxStream<'static, ()>>;
+    /// A stream of notices about changes of the job: the job as written
+    /// when the change was made here, or a hint to re-read it. It may
+    /// yield spuriously, and ends when notifications stop (the connection
+    /// to the store broke); readers then poll.
+    async fn changes(&self, id: Uuid) -> Result<BoxStream<'static, changes::Notice>>;
 
     /// Every namespace that ever had a job, sorted: what tools that work
     /// across tenants (an admin, `orchd dev`'s recovery) iterate over.

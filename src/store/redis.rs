@@ -24,13 +24,14 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use base64::Engine;
-use futures::StreamExt;
 use futures::stream::BoxStream;
 use prost::Message;
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script, Value};
 use uuid::Uuid;
 
+use super::changes::{ChangeHub, Notice};
+use super::subscriber::Subscriber;
 use super::{Applied, Change, Created, Due, DueJob, ExpiredLease, JobStore, LeaseChange, Page};
 use crate::error::{Error, Result};
 use crate::job::{NewJob, ms_to_timestamp};
@@ -70,11 +71,13 @@ impl RedisStoreConfig {
 /// multiplexed, self-reconnecting connection.
 #[derive(Clone)]
 pub struct RedisStore {
-    client: redis::Client,
     conn: ConnectionManager,
     prefix: String,
     retention_ms: i64,
     scripts: std::sync::Arc<Scripts>,
+    /// Watchers in this process and the connection that tells them of
+    /// changes made elsewhere.
+    subscriber: std::sync::Arc<Subscriber>,
 }
 
 struct Scripts {
@@ -111,7 +114,8 @@ const APPLY_LUA: &str = r#"
 -- ARGV[4] new state ('' same)          ARGV[5] index prefix ('{prefix}idx:')
 -- ARGV[6] history entry ('' none)      ARGV[7] due: '' keep, '-' remove, else score
 -- ARGV[8] lease: '' keep, '-' clear, else expiry score
--- ARGV[9] retention score ('' none)    ARGV[10] event channel ('' none)
+-- ARGV[9] retention score ('' none)
+-- ARGV[10] '<event channel> <writer id>' ('' none): PUBLISH the writer id on the channel
 -- ARGV[11] expected attempt ('' any)  ARGV[12] expected namespace ('' any)
 -- ARGV[13] n; then n field/value pairs to set; then fields to delete
 local state = redis.call('HGET', KEYS[1], 'state')
@@ -141,7 +145,10 @@ if ARGV[9] ~= '' then redis.call('ZADD', KEYS[5], ARGV[9], id) end
 local n = tonumber(ARGV[13])
 for i = 0, n - 1 do redis.call('HSET', KEYS[1], ARGV[14 + 2 * i], ARGV[15 + 2 * i]) end
 for i = 14 + 2 * n, #ARGV do redis.call('HDEL', KEYS[1], ARGV[i]) end
-if ARGV[10] ~= '' then redis.call('PUBLISH', ARGV[10], ARGV[4]) end
+if ARGV[10] ~= '' then
+  local channel, writer = string.match(ARGV[10], '^(.*) ([^ ]*)$')
+  redis.call('PUBLISH', channel, writer)
+end
 return {1, redis.call('HGETALL', KEYS[1]), redis.call('LRANGE', KEYS[2], 0, -1)}
 "#;
 
@@ -212,8 +219,13 @@ impl RedisStore {
             .set_max_delay(Duration::from_millis(500));
         let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_config)
             .map_err(Error::from)?;
+        let subscriber = Subscriber::new(
+            client.clone(),
+            format!("{}ev:", config.prefix),
+            ChangeHub::new(),
+        );
         Ok(RedisStore {
-            client,
+            subscriber: std::sync::Arc::new(subscriber),
             conn,
             prefix: config.prefix.clone(),
             retention_ms: config.retention.as_millis() as i64,
@@ -707,7 +719,11 @@ impl JobStore for RedisStore {
             .arg(if change.silent {
                 String::new()
             } else {
-                self.key(&["ev:", &id_str])
+                format!(
+                    "{} {}",
+                    self.key(&["ev:", &id_str]),
+                    self.subscriber.writer()
+                )
             })
             .arg(
                 change
@@ -725,7 +741,18 @@ impl JobStore for RedisStore {
         }
         let mut conn = self.conn.clone();
         let reply: Value = invocation.invoke_async(&mut conn).await?;
-        decode_apply_reply(reply)
+        let applied = decode_apply_reply(reply)?;
+        if let Applied::Done(job) = &applied
+            && !change.silent
+        {
+            // Watchers here get the job as written, without reading it
+            // back; the PUBLISH tells the other replicas (the subscriber
+            // skips this store's own).
+            self.subscriber.hub().notify(id, || {
+                Notice::Snapshot(std::sync::Arc::new((**job).clone()))
+            });
+        }
+        Ok(applied)
     }
 
     async fn claim_due(
@@ -812,12 +839,8 @@ impl JobStore for RedisStore {
         Ok(purged)
     }
 
-    async fn changes(&self, id: Uuid) -> Result<BoxStream<'static, ()>> {
-        let mut pubsub = self.client.get_async_pubsub().await?;
-        pubsub
-            .subscribe(self.key(&["ev:", &id.to_string()]))
-            .await?;
-        Ok(pubsub.into_on_message().map(|_| ()).boxed())
+    async fn changes(&self, id: Uuid) -> Result<BoxStream<'static, Notice>> {
+        self.subscriber.watch(id).await
     }
 
     async fn namespaces(&self) -> Result<Vec<String>> {
