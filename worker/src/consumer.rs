@@ -254,9 +254,13 @@ impl Delivered {
         }
         match attempt::start(&self.shared, &dispatch).await {
             StartOutcome::Run(started) => {
-                ack(&delivery, &job_id).await;
+                // The attempt is orchd's record now, so the message has done
+                // its work: the run need not wait for the ack to be written
+                // (a round trip through lapin's I/O thread), and a failed
+                // ack only means a redelivery that orchd will drop.
                 let shared = self.shared.clone();
                 self.attempts.spawn(run_holding(shared, *started, slot));
+                ack(&delivery, &job_id).await;
             }
             StartOutcome::Drop(reason) => {
                 tracing::info!(job_id = %job_id, reason = %reason, "orchd says drop this message");
