@@ -21,6 +21,8 @@ use orchestrator::validate;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::service::MAX_BATCH;
+
 const MAX_CAS_RETRIES: usize = 8;
 const MAX_WORKER_ID_LEN: usize = 128;
 
@@ -71,6 +73,16 @@ fn lease_of(requested: Option<pbjson_types::Duration>, config: &LeaseConfig) -> 
         ));
     }
     Ok(lease)
+}
+
+fn batch_size(len: usize) -> Result<()> {
+    if len == 0 || len > MAX_BATCH {
+        return Err(Error::invalid(
+            "attempts",
+            format!("must hold 1 to {MAX_BATCH} requests, got {len}"),
+        ));
+    }
+    Ok(())
 }
 
 fn worker_id(value: &str) -> Result<()> {
@@ -164,6 +176,29 @@ impl AttemptService {
         Err(Error::Conflict(format!(
             "job {id} kept changing; try again"
         )))
+    }
+
+    /// StartAttempts: [`AttemptService::start`] for each request, all at
+    /// once (their store round trips share the pipelined connection); one
+    /// outcome per request, in order.
+    pub async fn start_many(
+        &self,
+        reqs: Vec<StartAttemptRequest>,
+        caller: &Caller,
+    ) -> Result<Vec<Result<StartAttemptResponse>>> {
+        batch_size(reqs.len())?;
+        Ok(futures::future::join_all(reqs.into_iter().map(|req| self.start(req, caller))).await)
+    }
+
+    /// FinishAttempts: [`AttemptService::finish`] for each request, as
+    /// [`AttemptService::start_many`] does.
+    pub async fn finish_many(
+        &self,
+        reqs: Vec<FinishAttemptRequest>,
+        caller: &Caller,
+    ) -> Result<Vec<Result<Job>>> {
+        batch_size(reqs.len())?;
+        Ok(futures::future::join_all(reqs.into_iter().map(|req| self.finish(req, caller))).await)
     }
 
     /// Heartbeat: renew every lease still held, report cancellations. No

@@ -6,12 +6,26 @@ use std::pin::Pin;
 
 use futures::{Stream, StreamExt};
 use orchestrator::proto::v1::{
+    AttemptError, FinishAttemptResult, FinishAttemptsRequest, FinishAttemptsResponse,
+    StartAttemptResult, StartAttemptsRequest, StartAttemptsResponse, finish_attempt_result,
+    start_attempt_result,
+};
+use orchestrator::proto::v1::{
     CancelJobRequest, FinishAttemptRequest, GetJobRequest, GetServerInfoRequest, HeartbeatRequest,
     HeartbeatResponse, Job, ListJobsRequest, ListJobsResponse, ServerInfo, StartAttemptRequest,
     StartAttemptResponse, SubmitJobRequest, SubmitJobsRequest, SubmitJobsResponse, WatchJobRequest,
     job_service_server, worker_service_server,
 };
 use tonic::{Request, Response, Status};
+
+/// One failed request of a batch, as the single call would have failed.
+fn attempt_error(e: orchestrator::error::Error) -> AttemptError {
+    let status = Status::from(e);
+    AttemptError {
+        code: status.code() as i32,
+        message: status.message().to_owned(),
+    }
+}
 
 use crate::attempts::AttemptService;
 use crate::auth::grpc_caller;
@@ -157,5 +171,47 @@ impl worker_service_server::WorkerService for GrpcWorkers {
         Ok(Response::new(
             self.attempts.finish(request.into_inner(), &caller).await?,
         ))
+    }
+
+    async fn start_attempts(
+        &self,
+        request: Request<StartAttemptsRequest>,
+    ) -> Result<Response<StartAttemptsResponse>, Status> {
+        let caller = grpc_caller(&request)?;
+        let outcomes = self
+            .attempts
+            .start_many(request.into_inner().attempts, &caller)
+            .await?;
+        let results = outcomes
+            .into_iter()
+            .map(|outcome| StartAttemptResult {
+                result: Some(match outcome {
+                    Ok(answer) => start_attempt_result::Result::Answer(answer),
+                    Err(e) => start_attempt_result::Result::Error(attempt_error(e)),
+                }),
+            })
+            .collect();
+        Ok(Response::new(StartAttemptsResponse { results }))
+    }
+
+    async fn finish_attempts(
+        &self,
+        request: Request<FinishAttemptsRequest>,
+    ) -> Result<Response<FinishAttemptsResponse>, Status> {
+        let caller = grpc_caller(&request)?;
+        let outcomes = self
+            .attempts
+            .finish_many(request.into_inner().attempts, &caller)
+            .await?;
+        let results = outcomes
+            .into_iter()
+            .map(|outcome| FinishAttemptResult {
+                result: Some(match outcome {
+                    Ok(job) => finish_attempt_result::Result::Job(job),
+                    Err(e) => finish_attempt_result::Result::Error(attempt_error(e)),
+                }),
+            })
+            .collect();
+        Ok(Response::new(FinishAttemptsResponse { results }))
     }
 }

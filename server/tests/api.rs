@@ -1015,3 +1015,155 @@ async fn one_round_trip_starts_and_completions_stay_fenced() {
     assert_eq!((last.attempt, last.worker_id.as_str()), (1, "w-fast"));
     server.stop().await;
 }
+
+#[tokio::test]
+async fn batched_starts_and_finishes_answer_each_request_on_its_own() {
+    use orchestrator::proto::v1::{
+        FinishAttemptsRequest, StartAttemptsRequest, finish_attempt_result, start_attempt_result,
+    };
+    let server = TestServer::start().await;
+    let queue = fresh_queue();
+    let mut jobs = server.jobs().await;
+    let mut submitted = Vec::new();
+    for _ in 0..3 {
+        submitted.push(
+            jobs.submit_job(spec("echo", &queue))
+                .await
+                .unwrap()
+                .into_inner(),
+        );
+    }
+    let start = |job_id: &str| StartAttemptRequest {
+        job_id: job_id.into(),
+        worker_id: "w-batch".into(),
+        attempt: 1,
+        max_attempts: 3,
+        ..Default::default()
+    };
+    let mut workers = server.workers().await;
+    let unknown = uuid::Uuid::new_v4().to_string();
+    let started = workers
+        .start_attempts(StartAttemptsRequest {
+            attempts: vec![
+                start(&submitted[0].id),
+                start(&unknown),
+                start("not-a-uuid"),
+                start(&submitted[1].id),
+                // The same message twice: the second is a duplicate.
+                start(&submitted[1].id),
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert_eq!(started.len(), 5, "one result per request");
+    let answer = |i: usize| match &started[i].result {
+        Some(start_attempt_result::Result::Answer(a)) => a.clone(),
+        other => panic!("request {i}: expected an answer, got {other:?}"),
+    };
+    let error = |i: usize| match &started[i].result {
+        Some(start_attempt_result::Result::Error(e)) => (Code::from(e.code), e.message.clone()),
+        other => panic!("request {i}: expected an error, got {other:?}"),
+    };
+    assert_eq!(answer(0).decision, Decision::Run as i32);
+    assert_eq!(error(1).0, Code::NotFound);
+    let (code, message) = error(2);
+    assert_eq!(code, Code::InvalidArgument);
+    assert!(message.contains("job_id"), "{message}");
+    // Both starts of job 1 ran concurrently: exactly one of them won.
+    let decisions = [answer(3).decision, answer(4).decision];
+    assert_eq!(
+        decisions
+            .iter()
+            .filter(|d| **d == Decision::Run as i32)
+            .count(),
+        1,
+        "{decisions:?}"
+    );
+    let won = if decisions[0] == Decision::Run as i32 {
+        answer(3)
+    } else {
+        answer(4)
+    };
+    let untouched = jobs
+        .get_job(GetJobRequest {
+            job_id: submitted[2].id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        untouched.state,
+        job::State::Created as i32,
+        "not in the batch"
+    );
+
+    let finish = |job_id: &str, lease_token: &str| FinishAttemptRequest {
+        job_id: job_id.into(),
+        lease_token: lease_token.into(),
+        outcome: Some(Outcome::Completed(Default::default())),
+        attempt: 1,
+        worker_id: "w-batch".into(),
+    };
+    let finished = workers
+        .finish_attempts(FinishAttemptsRequest {
+            attempts: vec![
+                finish(&submitted[0].id, &answer(0).lease_token),
+                finish(&submitted[1].id, "not-the-lease"),
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    match &finished[0].result {
+        Some(finish_attempt_result::Result::Job(job)) => {
+            assert_eq!(job.state, job::State::Completed as i32)
+        }
+        other => panic!("expected the completed job, got {other:?}"),
+    }
+    match &finished[1].result {
+        Some(finish_attempt_result::Result::Error(e)) => {
+            assert_eq!(Code::from(e.code), Code::FailedPrecondition, "{e:?}")
+        }
+        other => panic!("a stale lease is refused, got {other:?}"),
+    }
+    let still_running = jobs
+        .get_job(GetJobRequest {
+            job_id: submitted[1].id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(still_running.state, job::State::Running as i32);
+    assert_eq!(still_running.attempt, won.job.unwrap().attempt);
+
+    // Batches of nothing, or of too much, are refused whole.
+    for attempts in [Vec::new(), vec![start(&submitted[2].id); 1001]] {
+        let n = attempts.len();
+        let err = workers
+            .start_attempts(StartAttemptsRequest { attempts })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{n}: {err:?}");
+        assert!(err.message().contains("attempts"), "{}", err.message());
+    }
+    let err = workers
+        .finish_attempts(FinishAttemptsRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let untouched_after = jobs
+        .get_job(GetJobRequest {
+            job_id: submitted[2].id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        untouched_after, untouched,
+        "a refused batch changes nothing"
+    );
+    server.stop().await;
+}

@@ -291,6 +291,32 @@ async fn grpc_refuses_bad_tokens_and_wrong_roles_both_ways() {
                     .await
                     .map(drop),
             ),
+            (
+                "StartAttempts",
+                client
+                    .start_attempts(orchestrator::proto::v1::StartAttemptsRequest {
+                        attempts: vec![StartAttemptRequest {
+                            job_id: id.clone(),
+                            worker_id: "intruder".into(),
+                            ..Default::default()
+                        }],
+                    })
+                    .await
+                    .map(drop),
+            ),
+            (
+                "FinishAttempts",
+                client
+                    .finish_attempts(orchestrator::proto::v1::FinishAttemptsRequest {
+                        attempts: vec![FinishAttemptRequest {
+                            job_id: id.clone(),
+                            outcome: Some(Outcome::Completed(Default::default())),
+                            ..Default::default()
+                        }],
+                    })
+                    .await
+                    .map(drop),
+            ),
         ];
         for (rpc, result) in results {
             let status = result.expect_err(&format!("{what}: {rpc} must be refused"));

@@ -404,6 +404,26 @@ async fn workers_only_receive_and_run_their_tenants_jobs() {
             .await
             .unwrap_err();
         assert_eq!(finish.code(), Code::NotFound, "{finish:?}");
+        // Batched, the same answer per request.
+        let batch = wb
+            .start_attempts(orchestrator::proto::v1::StartAttemptsRequest {
+                attempts: vec![StartAttemptRequest {
+                    job_id: alices.id.clone(),
+                    worker_id: "intruder".into(),
+                    attempt,
+                    max_attempts,
+                    ..Default::default()
+                }],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        match &batch.results[0].result {
+            Some(orchestrator::proto::v1::start_attempt_result::Result::Error(e)) => {
+                assert_eq!(Code::from(e.code), Code::NotFound, "{e:?}")
+            }
+            other => panic!("another tenant's job in a batch: {other:?}"),
+        }
     }
 
     // Bob's job went through the same queue name; alice's was never offered.

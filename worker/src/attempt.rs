@@ -20,6 +20,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status};
 
+use crate::batch::{self, Batcher};
 use crate::error::HandlerError;
 use crate::handler::{JobContext, Registry};
 use crate::lease::{AttemptControl, Leases, StopReason};
@@ -27,7 +28,10 @@ use crate::rpc::{self, Client};
 
 /// Everything attempts share.
 pub(crate) struct Shared {
-    pub client: Client,
+    /// StartAttempt calls, batched when many are due at once.
+    starts: Batcher<batch::Start>,
+    /// FinishAttempt calls, batched likewise.
+    finishes: Batcher<batch::Finish>,
     pub registry: Registry,
     pub leases: Arc<Leases>,
     pub worker_id: String,
@@ -51,7 +55,8 @@ impl Shared {
         cancel_grace: Duration,
     ) -> Self {
         Shared {
-            client,
+            starts: Batcher::spawn(client.clone()),
+            finishes: Batcher::spawn(client),
             registry,
             leases,
             worker_id,
@@ -113,34 +118,27 @@ pub(crate) async fn start(shared: &Shared, message: &DispatchMessage) -> StartOu
         attempt: message.attempt,
         max_attempts: message.max_attempts,
     };
-    let result = shared
-        .client
-        .clone()
-        .start_attempt(rpc::request(request, rpc::CALL_TIMEOUT))
-        .await;
+    let result = shared.starts.call(request).await;
     let outcome = match result {
-        Ok(response) => {
-            let response = response.into_inner();
-            match Decision::try_from(response.decision) {
-                Ok(Decision::Run) if response.job.is_some() && !response.lease_token.is_empty() => {
-                    StartOutcome::Run(Box::new(Started {
-                        job: response.job.unwrap_or_default(),
-                        lease_token: response.lease_token,
-                    }))
-                }
-                Ok(Decision::Drop) => StartOutcome::Drop(response.reason),
-                _ => StartOutcome::Failed(Status::internal(format!(
-                    "unexpected StartAttempt answer: decision {} with{} job and {} lease token",
-                    response.decision,
-                    if response.job.is_some() { "" } else { "out" },
-                    if response.lease_token.is_empty() {
-                        "no"
-                    } else {
-                        "a"
-                    }
-                ))),
+        Ok(response) => match Decision::try_from(response.decision) {
+            Ok(Decision::Run) if response.job.is_some() && !response.lease_token.is_empty() => {
+                StartOutcome::Run(Box::new(Started {
+                    job: response.job.unwrap_or_default(),
+                    lease_token: response.lease_token,
+                }))
             }
-        }
+            Ok(Decision::Drop) => StartOutcome::Drop(response.reason),
+            _ => StartOutcome::Failed(Status::internal(format!(
+                "unexpected StartAttempt answer: decision {} with{} job and {} lease token",
+                response.decision,
+                if response.job.is_some() { "" } else { "out" },
+                if response.lease_token.is_empty() {
+                    "no"
+                } else {
+                    "a"
+                }
+            ))),
+        },
         Err(status) if status.code() == Code::NotFound => {
             StartOutcome::UnknownJob(status.message().to_owned())
         }
@@ -379,14 +377,9 @@ async fn finish(
             return;
         }
         tries += 1;
-        let result = shared
-            .client
-            .clone()
-            .finish_attempt(rpc::request(request.clone(), rpc::CALL_TIMEOUT))
-            .await;
+        let result = shared.finishes.call(request.clone()).await;
         let status = match result {
             Ok(job) => {
-                let job = job.into_inner();
                 let state = orchestrator::job::job_state(&job)
                     .map(|s| s.to_string())
                     .unwrap_or_default();

@@ -18,6 +18,7 @@ pub mod handler;
 pub mod handlers;
 
 mod attempt;
+mod batch;
 mod consumer;
 mod control;
 mod lease;
