@@ -32,8 +32,11 @@
 #   BATCH_CONCURRENCY=8  SubmitJobs calls in flight
 #   WARMUP=500           jobs run through before each measurement (as Celery's warm-up)
 #   WORKERS=2            orch-worker processes
-#   WORKER_CONCURRENCY=32 jobs each worker runs at once (and its prefetch): noop jobs
-#                        spend their time waiting on orchd, so more of them overlap
+#   WORKER_CONCURRENCY=128 jobs each worker runs at once (and its prefetch): noop jobs
+#                        spend their time waiting on orchd, so more of them overlap; and
+#                        workers that keep up leave RabbitMQ's queue near empty, where it
+#                        hands messages straight to consumers instead of paging them to
+#                        disk (RabbitMQ CPU 69% -> 44% at 32 -> 128, bench/HISTORY.md)
 #   WORKER_ARGS=         extra orch-worker flags, e.g. "--cancel-push=false" to
 #                        measure cancellation by the heartbeat poll alone
 #   RUN_CELERY=1         also run the Celery reference (threads c=8, prefork c=2; 1 repeat)
@@ -59,7 +62,7 @@ BATCH=${BATCH:-100}
 BATCH_CONCURRENCY=${BATCH_CONCURRENCY:-8}
 WARMUP=${WARMUP:-500}
 WORKERS=${WORKERS:-2}
-WORKER_CONCURRENCY=${WORKER_CONCURRENCY:-32}
+WORKER_CONCURRENCY=${WORKER_CONCURRENCY:-128}
 WORKER_ARGS=${WORKER_ARGS:-}
 read -r -a WORKER_ARGV <<<"$WORKER_ARGS"
 RUN_CELERY=${RUN_CELERY:-1}

@@ -351,23 +351,14 @@ impl RedisStore {
                 .lrange(self.hist_key(id), 0, -1);
         }
         let mut conn = self.conn.clone();
-        let replies: Vec<(Fields, Vec<Vec<u8>>)> = {
-            let raw: Vec<Value> = pipe.query_async(&mut conn).await?;
-            raw.chunks(2)
-                .map(|pair| {
-                    let fields: Vec<(String, Vec<u8>)> = redis::from_redis_value_ref(&pair[0])?;
-                    let history: Vec<Vec<u8>> = redis::from_redis_value_ref(&pair[1])?;
-                    Ok((fields, history))
-                })
-                .collect::<Result<_, redis::RedisError>>()?
-        };
-        replies
-            .into_iter()
-            .map(|(fields, history)| {
+        let raw: Vec<Value> = pipe.query_async(&mut conn).await?;
+        raw.chunks(2)
+            .map(|pair| {
+                let fields = Fields::of(&pair[0])?;
                 if fields.is_empty() {
                     Ok(None)
                 } else {
-                    decode_job(fields, history).map(Some)
+                    decode_job(&fields, pair.get(1)).map(Some)
                 }
             })
             .collect()
@@ -396,8 +387,6 @@ impl PreparedCreate {
 }
 
 /// A job hash as HGETALL returns it.
-type Fields = Vec<(String, Vec<u8>)>;
-
 fn index_member(created_ms: i64, id: &str) -> String {
     format!("{created_ms:013}:{id}")
 }
@@ -419,50 +408,92 @@ fn decode_token(token: &str) -> Result<String> {
     Ok(member)
 }
 
-fn field<'a>(fields: &'a [(String, Vec<u8>)], name: &str) -> Option<&'a [u8]> {
-    fields
-        .iter()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.as_slice())
+/// A job's hash as HGETALL returns it (a flat field, value, … array),
+/// borrowed from the reply: decoding a job copies no field it does not keep.
+struct Fields<'a>(Vec<(&'a [u8], &'a [u8])>);
+
+impl<'a> Fields<'a> {
+    fn of(reply: &'a Value) -> Result<Self> {
+        let items = match reply {
+            Value::Array(items) => items.as_slice(),
+            Value::Nil => &[],
+            _ => return Err(corrupt("the job hash is not an array")),
+        };
+        items
+            .chunks(2)
+            .map(|pair| match pair {
+                [name, value] => Ok((bulk(name)?, bulk(value)?)),
+                _ => Err(corrupt("a field without a value")),
+            })
+            .collect::<Result<_>>()
+            .map(Fields)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn get(&self, name: &str) -> Option<&'a [u8]> {
+        self.0
+            .iter()
+            .find(|(k, _)| *k == name.as_bytes())
+            .map(|(_, v)| *v)
+    }
+
+    fn str(&self, name: &str) -> Option<&'a str> {
+        self.get(name).and_then(|v| std::str::from_utf8(v).ok())
+    }
+
+    fn i64(&self, name: &str) -> Option<i64> {
+        self.str(name).and_then(|s| s.parse().ok())
+    }
 }
 
-fn field_str<'a>(fields: &'a [(String, Vec<u8>)], name: &str) -> Option<&'a str> {
-    field(fields, name).and_then(|v| std::str::from_utf8(v).ok())
-}
-
-fn field_i64(fields: &[(String, Vec<u8>)], name: &str) -> Option<i64> {
-    field_str(fields, name).and_then(|s| s.parse().ok())
+fn bulk(value: &Value) -> Result<&[u8]> {
+    match value {
+        Value::BulkString(bytes) => Ok(bytes),
+        Value::SimpleString(s) => Ok(s.as_bytes()),
+        _ => Err(corrupt("a field that is not a string")),
+    }
 }
 
 fn corrupt(what: &str) -> Error {
     Error::Internal(format!("corrupt job record: {what}"))
 }
 
-/// Rebuilds a job from its hash fields and history entries.
-fn decode_job(fields: Vec<(String, Vec<u8>)>, history: Vec<Vec<u8>>) -> Result<Job> {
-    let base = field(&fields, "base").ok_or_else(|| corrupt("no base"))?;
+/// Rebuilds a job from its hash fields and its history list (LRANGE's
+/// reply; none is an empty history).
+fn decode_job(fields: &Fields<'_>, history: Option<&Value>) -> Result<Job> {
+    let base = fields.get("base").ok_or_else(|| corrupt("no base"))?;
     let mut job = Job::decode(base).map_err(|e| corrupt(&e.to_string()))?;
-    let state = field_str(&fields, "state")
+    let state = fields
+        .str("state")
         .and_then(State::from_name)
         .ok_or_else(|| corrupt("bad state"))?;
     job.state = state.to_proto() as i32;
-    job.attempt = field_i64(&fields, "attempt").unwrap_or(0) as u32;
-    job.cancel_requested = field_str(&fields, "cancel") == Some("1");
-    job.error = field_str(&fields, "error").unwrap_or_default().to_owned();
-    job.worker_id = field_str(&fields, "worker").unwrap_or_default().to_owned();
-    job.result = field(&fields, "result")
+    job.attempt = fields.i64("attempt").unwrap_or(0) as u32;
+    job.cancel_requested = fields.str("cancel") == Some("1");
+    job.error = fields.str("error").unwrap_or_default().to_owned();
+    job.worker_id = fields.str("worker").unwrap_or_default().to_owned();
+    job.result = fields
+        .get("result")
         .map(pbjson_types::Struct::decode)
         .transpose()
         .map_err(|e| corrupt(&e.to_string()))?;
-    job.updated_at = field_i64(&fields, "updated").map(ms_to_timestamp);
-    job.started_at = field_i64(&fields, "started").map(ms_to_timestamp);
-    job.finished_at = field_i64(&fields, "finished").map(ms_to_timestamp);
-    job.next_attempt_at = field_i64(&fields, "next_at").map(ms_to_timestamp);
-    job.history = history
-        .iter()
-        .map(|entry| Transition::decode(entry.as_slice()))
-        .collect::<Result<_, _>>()
-        .map_err(|e| corrupt(&e.to_string()))?;
+    job.updated_at = fields.i64("updated").map(ms_to_timestamp);
+    job.started_at = fields.i64("started").map(ms_to_timestamp);
+    job.finished_at = fields.i64("finished").map(ms_to_timestamp);
+    job.next_attempt_at = fields.i64("next_at").map(ms_to_timestamp);
+    job.history = match history {
+        Some(Value::Array(entries)) => entries
+            .iter()
+            .map(|entry| {
+                Transition::decode(bulk(entry)?).map_err(|e| corrupt(&e.to_string()))
+            })
+            .collect::<Result<_>>()?,
+        None | Some(Value::Nil) => Vec::new(),
+        Some(_) => return Err(corrupt("the history is not a list")),
+    };
     Ok(job)
 }
 
@@ -472,9 +503,8 @@ fn decode_apply_reply(reply: Value) -> Result<Applied> {
         redis::from_redis_value_ref(items.first().ok_or_else(|| corrupt("empty reply"))?)?;
     match code {
         1 => {
-            let fields: Vec<(String, Vec<u8>)> = redis::from_redis_value_ref(&items[1])?;
-            let history: Vec<Vec<u8>> = redis::from_redis_value_ref(&items[2])?;
-            Ok(Applied::Done(Box::new(decode_job(fields, history)?)))
+            let fields = Fields::of(items.get(1).ok_or_else(|| corrupt("no job in the reply"))?)?;
+            Ok(Applied::Done(Box::new(decode_job(&fields, items.get(2))?)))
         }
         0 => {
             let actual: String = redis::from_redis_value_ref(&items[1])?;
