@@ -487,9 +487,7 @@ fn decode_job(fields: &Fields<'_>, history: Option<&Value>) -> Result<Job> {
     job.history = match history {
         Some(Value::Array(entries)) => entries
             .iter()
-            .map(|entry| {
-                Transition::decode(bulk(entry)?).map_err(|e| corrupt(&e.to_string()))
-            })
+            .map(|entry| Transition::decode(bulk(entry)?).map_err(|e| corrupt(&e.to_string())))
             .collect::<Result<_>>()?,
         None | Some(Value::Nil) => Vec::new(),
         Some(_) => return Err(corrupt("the history is not a list")),
