@@ -18,13 +18,25 @@ use orchestrator::proto::v1::{
 };
 use tonic::{Request, Response, Status};
 
-/// One failed request of a batch, as the single call would have failed.
-fn attempt_error(e: orchestrator::error::Error) -> AttemptError {
-    let status = Status::from(e);
-    AttemptError {
-        code: status.code() as i32,
-        message: status.message().to_owned(),
-    }
+/// The results of a batch call, one per request: `answer` of what the
+/// request returned, or the error the single call would have failed with.
+fn per_request<T, A, R>(
+    outcomes: Vec<orchestrator::error::Result<T>>,
+    answer: impl Fn(T) -> A,
+    result: impl Fn(Result<A, AttemptError>) -> R,
+) -> Vec<R> {
+    outcomes
+        .into_iter()
+        .map(|outcome| {
+            result(outcome.map(&answer).map_err(|e| {
+                let status = Status::from(e);
+                AttemptError {
+                    code: status.code() as i32,
+                    message: status.message().to_owned(),
+                }
+            }))
+        })
+        .collect()
 }
 
 use crate::attempts::AttemptService;
@@ -182,15 +194,11 @@ impl worker_service_server::WorkerService for GrpcWorkers {
             .attempts
             .start_many(request.into_inner().attempts, &caller)
             .await?;
-        let results = outcomes
-            .into_iter()
-            .map(|outcome| StartAttemptResult {
-                result: Some(match outcome {
-                    Ok(answer) => start_attempt_result::Result::Answer(answer),
-                    Err(e) => start_attempt_result::Result::Error(attempt_error(e)),
-                }),
-            })
-            .collect();
+        let results = per_request(outcomes, start_attempt_result::Result::Answer, |result| {
+            StartAttemptResult {
+                result: Some(result.unwrap_or_else(start_attempt_result::Result::Error)),
+            }
+        });
         Ok(Response::new(StartAttemptsResponse { results }))
     }
 
@@ -203,15 +211,11 @@ impl worker_service_server::WorkerService for GrpcWorkers {
             .attempts
             .finish_many(request.into_inner().attempts, &caller)
             .await?;
-        let results = outcomes
-            .into_iter()
-            .map(|outcome| FinishAttemptResult {
-                result: Some(match outcome {
-                    Ok(job) => finish_attempt_result::Result::Job(job),
-                    Err(e) => finish_attempt_result::Result::Error(attempt_error(e)),
-                }),
-            })
-            .collect();
+        let results = per_request(outcomes, finish_attempt_result::Result::Job, |result| {
+            FinishAttemptResult {
+                result: Some(result.unwrap_or_else(finish_attempt_result::Result::Error)),
+            }
+        });
         Ok(Response::new(FinishAttemptsResponse { results }))
     }
 }
