@@ -449,6 +449,21 @@ proptest! {
         targets::amqp_dispatch(&apply_edits(message::encode(&msg), &edits));
     }
 
+    /// Batches of well-formed dispatches decode to themselves; one entry
+    /// with a bad id rejects the whole batch.
+    #[test]
+    fn batches_round_trip_or_fail_whole(
+        msgs in vec(dispatch(), 1..8),
+        bad in any::<prop::sample::Index>(),
+    ) {
+        let mut msgs: Vec<DispatchMessage> = msgs.into_iter().map(|(m, _)| m).collect();
+        prop_assert_eq!(message::decode_batch(&message::encode_batch(&msgs)), Ok(msgs.clone()));
+        let i = bad.index(msgs.len());
+        msgs[i].job_id = "not-a-uuid".into();
+        prop_assert!(message::decode_batch(&message::encode_batch(&msgs)).is_err());
+        targets::amqp_dispatch(&message::encode_batch(&msgs));
+    }
+
     /// A dispatch whose job_id is anything but a hyphenated UUID is rejected.
     #[test]
     fn dispatches_with_other_ids_are_rejected(job_id in any::<String>()) {

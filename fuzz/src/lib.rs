@@ -173,6 +173,22 @@ fn nulls_as_json_reads_them(job: &Job) -> Job {
 /// The worker's decoding of a dispatch on `data`. Returns the job id when
 /// it is a valid dispatch.
 pub fn amqp_dispatch(data: &[u8]) -> Option<Uuid> {
+    // The same bytes as the body of a batch message (AMQP type
+    // DispatchBatch): all of it valid, or rejected as a whole.
+    if let Ok(dispatches) = message::decode_batch(data) {
+        assert!(!dispatches.is_empty(), "a batch is never empty");
+        for dispatch in &dispatches {
+            assert!(
+                dispatch.job_id.len() == 36 && Uuid::try_parse(&dispatch.job_id).is_ok(),
+                "every dispatch of a batch has a UUID job_id"
+            );
+        }
+        assert_eq!(
+            message::decode_batch(&message::encode_batch(&dispatches)),
+            Ok(dispatches),
+            "a valid batch re-encodes to itself"
+        );
+    }
     match message::decode(data) {
         Ok((dispatch, id)) => {
             assert_eq!(

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use orchestrator::job::{ms_to_timestamp, now_ms};
 use orchestrator::proto::v1::{ControlMessage, DispatchMessage, Job, control_message::Action};
-use orchestrator::queue::JobQueue;
+use orchestrator::queue::{JobQueue, message};
 use orchestrator::store::{DueJob, JobStore};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -70,20 +70,20 @@ impl Dispatcher {
 
     /// Publishes a just-created job in the background.
     pub fn dispatch_soon(&self, job: &Job, claim: i64) {
-        let Ok(id) = Uuid::try_parse(&job.id) else {
-            return;
-        };
-        let due = DueJob {
-            id,
-            kind: job.kind.clone(),
-            queue: job.queue.clone(),
-            namespace: orchestrator::validate::job_namespace(job).to_owned(),
-            max_attempts: job.max_attempts,
-            attempt: job.attempt,
-            claim,
-        };
-        let this = self.clone();
-        tokio::spawn(async move { this.publish(due).await });
+        self.dispatch_many_soon([job], claim);
+    }
+
+    /// Publishes just-created jobs in the background; the jobs for one
+    /// queue go together, in messages of up to [`message::MAX_BATCH`].
+    pub fn dispatch_many_soon<'a>(&self, jobs: impl IntoIterator<Item = &'a Job>, claim: i64) {
+        let due = jobs
+            .into_iter()
+            .filter_map(|job| due_of(job, claim))
+            .collect();
+        for group in by_queue(due) {
+            let this = self.clone();
+            tokio::spawn(async move { this.publish(group).await });
+        }
     }
 
     /// Tells the worker running `job` (RUNNING, with its cancel requested)
@@ -114,28 +114,38 @@ impl Dispatcher {
         });
     }
 
-    /// Publishes one claimed entry and acknowledges it in the store.
-    /// Returns whether the broker confirmed it.
-    async fn publish(&self, due: DueJob) -> bool {
-        let message = DispatchMessage {
-            job_id: due.id.to_string(),
-            kind: due.kind.clone(),
-            queue: due.queue.clone(),
-            attempt: due.attempt + 1,
-            published_at: Some(ms_to_timestamp(now_ms())),
-            namespace: due.namespace.clone(),
-            max_attempts: due.max_attempts,
-        };
-        if let Err(e) = self.queue.publish(&message).await {
-            tracing::warn!(job_id = %due.id, error = %e, "publish failed; the outbox will retry");
+    /// Publishes claimed entries of one queue (one message, or a batch
+    /// message for several) and acknowledges them in the store. Returns
+    /// whether the broker confirmed it.
+    async fn publish(&self, group: Vec<DueJob>) -> bool {
+        let now = Some(ms_to_timestamp(now_ms()));
+        let messages: Vec<DispatchMessage> = group
+            .iter()
+            .map(|due| DispatchMessage {
+                job_id: due.id.to_string(),
+                kind: due.kind.clone(),
+                queue: due.queue.clone(),
+                attempt: due.attempt + 1,
+                published_at: now,
+                namespace: due.namespace.clone(),
+                max_attempts: due.max_attempts,
+            })
+            .collect();
+        if let Err(e) = self.queue.publish_batch(&messages).await {
+            for due in &group {
+                tracing::warn!(job_id = %due.id, error = %e, "publish failed; the outbox will retry");
+            }
             return false;
         }
-        tracing::debug!(job_id = %due.id, queue = %due.queue, "dispatched");
-        if let Err(e) = self.store.ack_due(due.id, due.claim).await {
-            // The entry comes due again and the job is published twice;
-            // workers drop the duplicate.
-            tracing::warn!(job_id = %due.id, error = %e, "could not clear the due entry");
-        }
+        let acks = group.iter().map(|due| async move {
+            tracing::debug!(job_id = %due.id, queue = %due.queue, "dispatched");
+            if let Err(e) = self.store.ack_due(due.id, due.claim).await {
+                // The entry comes due again and the job is published twice;
+                // workers drop the duplicate.
+                tracing::warn!(job_id = %due.id, error = %e, "could not clear the due entry");
+            }
+        });
+        futures::future::join_all(acks).await;
         true
     }
 
@@ -152,8 +162,10 @@ impl Dispatcher {
                 Ok(due) if due.is_empty() => self.config.poll_interval,
                 Ok(due) => {
                     let full = due.len() == self.config.batch;
-                    let published =
-                        futures::future::join_all(due.into_iter().map(|d| self.publish(d))).await;
+                    let published = futures::future::join_all(
+                        by_queue(due).into_iter().map(|g| self.publish(g)),
+                    )
+                    .await;
                     if published.iter().all(|ok| *ok) {
                         failures = 0;
                     } else {
@@ -177,6 +189,38 @@ impl Dispatcher {
             }
         }
     }
+}
+
+/// The due entry of a just-created job.
+fn due_of(job: &Job, claim: i64) -> Option<DueJob> {
+    Some(DueJob {
+        id: Uuid::try_parse(&job.id).ok()?,
+        kind: job.kind.clone(),
+        queue: job.queue.clone(),
+        namespace: orchestrator::validate::job_namespace(job).to_owned(),
+        max_attempts: job.max_attempts,
+        attempt: job.attempt,
+        claim,
+    })
+}
+
+/// Groups entries by the queue they go to (namespace and queue), in their
+/// order, in groups of at most [`message::MAX_BATCH`]: one message each.
+fn by_queue(due: Vec<DueJob>) -> Vec<Vec<DueJob>> {
+    let mut groups: Vec<Vec<DueJob>> = Vec::new();
+    let mut open: std::collections::HashMap<(String, String), usize> =
+        std::collections::HashMap::new();
+    for entry in due {
+        let key = (entry.namespace.clone(), entry.queue.clone());
+        match open.get(&key) {
+            Some(&i) if groups[i].len() < message::MAX_BATCH => groups[i].push(entry),
+            _ => {
+                open.insert(key, groups.len());
+                groups.push(vec![entry]);
+            }
+        }
+    }
+    groups
 }
 
 fn backoff(failures: u32, base: Duration) -> Duration {

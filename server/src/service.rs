@@ -138,17 +138,22 @@ impl JobService {
         let claim = now + self.dispatcher.claim_ttl_ms();
         let created = self.store.create_many(&batch, now, claim).await?;
         let mut jobs = Vec::with_capacity(created.len());
-        let mut fresh = 0usize;
+        let mut new = Vec::with_capacity(created.len());
         for outcome in created {
+            new.push(matches!(outcome, Created::New(_)));
             match outcome {
-                Created::New(job) => {
-                    fresh += 1;
-                    self.dispatcher.dispatch_soon(&job, claim);
-                    jobs.push(*job);
-                }
-                Created::Existing(job) => jobs.push(*job),
+                Created::New(job) | Created::Existing(job) => jobs.push(*job),
             }
         }
+        // The batch's jobs for one queue go out together: one message per
+        // queue (up to 50 jobs each) instead of one per job.
+        let fresh = jobs
+            .iter()
+            .zip(&new)
+            .filter(|(_, new)| **new)
+            .map(|(job, _)| job);
+        self.dispatcher.dispatch_many_soon(fresh, claim);
+        let fresh = new.iter().filter(|new| **new).count();
         tracing::info!(submitted = jobs.len(), new = fresh, "batch submitted");
         Ok(SubmitJobsResponse { jobs })
     }

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{TestServer, eventually, fresh_queue, next_dispatch, spec};
+use common::{TestServer, eventually, fresh_queue, next_dispatch, next_message, spec};
 use orchestrator::proto::v1::start_attempt_response::Decision;
 use orchestrator::proto::v1::{
     CancelJobRequest, FinishAttemptRequest, GetJobRequest, HeartbeatRequest, Job, Lease,
@@ -906,13 +906,25 @@ async fn batch_submit_creates_each_job_with_its_own_id_and_idempotency() {
     assert_eq!(jobs[1]["id"], jobs[2]["id"], "one idempotency key, one job");
     assert_ne!(jobs[0]["id"], jobs[1]["id"]);
     assert_eq!(jobs_on(&server, &queue).await, 3);
-    let mut published = std::collections::HashSet::new();
-    while published.len() < 3 {
-        let (msg, _) = next_dispatch(&server.config.amqp_url, &queue, Duration::from_secs(20))
+    // The three new jobs go to one queue, so they go out as one message.
+    let (dispatches, mode, batch) =
+        next_message(&server.config.amqp_url, &queue, Duration::from_secs(20))
             .await
-            .expect("every new job is published");
-        published.insert(msg.job_id);
-    }
+            .expect("the new jobs are published");
+    assert!(batch, "one batch message");
+    assert_eq!(mode, 2, "persistent");
+    let published: Vec<_> = dispatches.iter().map(|d| d.job_id.as_str()).collect();
+    let new_ids = [&jobs[0]["id"], &jobs[1]["id"], &jobs[3]["id"]];
+    assert_eq!(
+        published,
+        new_ids.map(|id| id.as_str().unwrap()),
+        "every new job once, in order; the idempotent repeat not at all"
+    );
+    assert!(
+        dispatches
+            .iter()
+            .all(|d| d.attempt == 1 && d.queue == queue)
+    );
 
     // All or nothing: one bad spec rejects the batch and stores nothing.
     let other = fresh_queue();
@@ -943,6 +955,19 @@ async fn batch_submit_creates_each_job_with_its_own_id_and_idempotency() {
     let ids: std::collections::HashSet<_> = ok.jobs.iter().map(|j| j.id.clone()).collect();
     assert_eq!(ids.len(), 200);
     assert_eq!(jobs_on(&server, &other).await, 200);
+    // 200 jobs for one queue: four messages of 50.
+    let mut published = std::collections::HashSet::new();
+    let mut sizes = Vec::new();
+    while published.len() < 200 {
+        let (dispatches, _, _) =
+            next_message(&server.config.amqp_url, &other, Duration::from_secs(20))
+                .await
+                .expect("every new job is published");
+        sizes.push(dispatches.len());
+        published.extend(dispatches.into_iter().map(|d| d.job_id));
+    }
+    assert_eq!(published, ids);
+    assert_eq!(sizes, vec![50; 4]);
     server.stop().await;
 }
 

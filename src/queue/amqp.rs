@@ -152,23 +152,30 @@ impl AmqpQueue {
     async fn reset(&self) {
         *self.live.lock().await = None;
     }
-}
 
-#[async_trait]
-impl JobQueue for AmqpQueue {
-    async fn publish(&self, msg: &DispatchMessage) -> Result<()> {
-        let key = topology::routing_key_of(msg);
+    /// Publishes `body` (one dispatch, or a batch when `kind` says so) to
+    /// the queue of `routed`, persistent and mandatory, and waits for the
+    /// broker's confirm.
+    async fn publish_body(
+        &self,
+        routed: &DispatchMessage,
+        body: Vec<u8>,
+        kind: Option<&str>,
+    ) -> Result<()> {
+        let key = topology::routing_key_of(routed);
         let (namespace, queue) = key.split_once('.').unwrap_or(("", &key));
         let channel = self.channel_for(namespace, queue).await?;
-        let properties = BasicProperties::default()
+        let mut properties = BasicProperties::default()
             .with_delivery_mode(2)
             .with_content_type(message::CONTENT_TYPE.into())
-            .with_message_id(msg.job_id.as_str().into());
+            .with_message_id(routed.job_id.as_str().into());
+        if let Some(kind) = kind {
+            properties = properties.with_type(kind.into());
+        }
         let options = BasicPublishOptions {
             mandatory: true,
             ..BasicPublishOptions::default()
         };
-        let body = message::encode(msg);
         let publish = async {
             channel
                 .basic_publish(
@@ -206,6 +213,40 @@ impl JobQueue for AmqpQueue {
             Err(e) => {
                 self.reset().await;
                 Err(e.into())
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl JobQueue for AmqpQueue {
+    async fn publish(&self, msg: &DispatchMessage) -> Result<()> {
+        self.publish_body(msg, message::encode(msg), None).await
+    }
+
+    async fn publish_batch(&self, msgs: &[DispatchMessage]) -> Result<()> {
+        match msgs {
+            [] => Ok(()),
+            [one] => self.publish(one).await,
+            [first, rest @ ..] => {
+                let key = topology::routing_key_of(first);
+                if rest.iter().any(|m| topology::routing_key_of(m) != key) {
+                    return Err(Error::Internal(
+                        "a dispatch batch must go to one queue".into(),
+                    ));
+                }
+                if msgs.len() > message::MAX_BATCH {
+                    return Err(Error::Internal(format!(
+                        "a dispatch batch holds at most {} dispatches",
+                        message::MAX_BATCH
+                    )));
+                }
+                self.publish_body(
+                    first,
+                    message::encode_batch(msgs),
+                    Some(message::BATCH_TYPE),
+                )
+                .await
             }
         }
     }

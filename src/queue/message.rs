@@ -6,10 +6,18 @@
 use prost::Message;
 use uuid::Uuid;
 
-use crate::proto::v1::{ControlMessage, DispatchMessage};
+use crate::proto::v1::{ControlMessage, DispatchBatch, DispatchMessage};
 
 /// Content type of every dispatch and control message.
 pub const CONTENT_TYPE: &str = "application/x-protobuf";
+
+/// The AMQP `type` property of a message holding a `DispatchBatch`; a
+/// message without it holds one `DispatchMessage`.
+pub const BATCH_TYPE: &str = "orchestrator.v1.DispatchBatch";
+
+/// Most dispatches in one batch message: bounds the message size and how
+/// many jobs one worker can take off the queue in one delivery.
+pub const MAX_BATCH: usize = 50;
 
 /// Why a message is not a valid dispatch.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -40,6 +48,34 @@ pub fn decode(bytes: &[u8]) -> Result<(DispatchMessage, Uuid), DecodeError> {
     })?;
     let id = job_id(&message.job_id)?;
     Ok((message, id))
+}
+
+/// Encodes dispatches for one queue as a batch message body.
+pub fn encode_batch(dispatches: &[DispatchMessage]) -> Vec<u8> {
+    DispatchBatch {
+        dispatches: dispatches.to_vec(),
+    }
+    .encode_to_vec()
+}
+
+/// Decodes and checks a batch message: every dispatch in it must be valid
+/// (one bad entry makes the whole message a poison message), and an empty
+/// batch is not a batch.
+pub fn decode_batch(bytes: &[u8]) -> Result<Vec<DispatchMessage>, DecodeError> {
+    let batch = DispatchBatch::decode(bytes).map_err(|e| DecodeError::Encoding {
+        message: "DispatchBatch",
+        error: e.to_string(),
+    })?;
+    if batch.dispatches.is_empty() {
+        return Err(DecodeError::Encoding {
+            message: "DispatchBatch",
+            error: "no dispatches".into(),
+        });
+    }
+    for dispatch in &batch.dispatches {
+        job_id(&dispatch.job_id)?;
+    }
+    Ok(batch.dispatches)
 }
 
 fn job_id(text: &str) -> Result<Uuid, DecodeError> {
@@ -129,5 +165,32 @@ mod tests {
             decode_control(&encode_control(&bad)),
             Err(DecodeError::JobId("x".into()))
         );
+    }
+
+    #[test]
+    fn a_batch_round_trips_and_one_bad_entry_spoils_it() {
+        let dispatch = |id: String| DispatchMessage {
+            job_id: id,
+            kind: "noop".into(),
+            queue: "default".into(),
+            attempt: 1,
+            ..DispatchMessage::default()
+        };
+        let good: Vec<_> = (0..3)
+            .map(|_| dispatch(Uuid::new_v4().to_string()))
+            .collect();
+        assert_eq!(decode_batch(&encode_batch(&good)).unwrap(), good);
+
+        let mut bad = good.clone();
+        bad[1].job_id = "nope".into();
+        assert_eq!(
+            decode_batch(&encode_batch(&bad)),
+            Err(DecodeError::JobId("nope".into()))
+        );
+        assert!(matches!(
+            decode_batch(&encode_batch(&[])),
+            Err(DecodeError::Encoding { .. })
+        ));
+        assert!(decode_batch(b"\xff\xff garbage").is_err());
     }
 }

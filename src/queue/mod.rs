@@ -23,6 +23,17 @@ pub trait JobQueue: Send + Sync + 'static {
     /// stored the message.
     async fn publish(&self, message: &DispatchMessage) -> Result<()>;
 
+    /// Publishes dispatches that all go to one queue (the same namespace
+    /// and queue), at most [`message::MAX_BATCH`], as one message where the
+    /// queue can; returns once the broker confirmed it. The default
+    /// publishes them one by one.
+    async fn publish_batch(&self, messages: &[DispatchMessage]) -> Result<()> {
+        for message in messages {
+            self.publish(message).await?;
+        }
+        Ok(())
+    }
+
     /// Pushes a control message to the worker `worker_id`, best effort:
     /// returns once the message is handed to the broker, without waiting
     /// for it to be stored or delivered. A worker that is gone (or has no

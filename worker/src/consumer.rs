@@ -26,6 +26,7 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
+use orchestrator::proto::v1::DispatchMessage;
 use orchestrator::queue::{amqp, message, topology};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -222,10 +223,40 @@ struct Delivered {
     gone: CancellationToken,
 }
 
+/// What became of one dispatch of a delivery.
+enum Handled {
+    /// The attempt runs (it holds a slot until it ends).
+    Started,
+    /// orchd said to drop it (a duplicate, or the job moved on).
+    Dropped,
+    /// orchd does not know the job.
+    Unknown,
+    /// StartAttempt failed; the message must go back to the queue.
+    Failed,
+    /// The channel died or the worker is stopping: the broker requeues the
+    /// message by itself.
+    Gone,
+}
+
 impl Delivered {
+    /// Handles a delivery: one dispatch, or a batch of them (AMQP `type`
+    /// [`message::BATCH_TYPE`]), each started as if it had come alone. The
+    /// message is acked once each was started or dropped, and goes back to
+    /// the queue when one could not be started yet (the ones that were are
+    /// dropped as duplicates when it comes again).
     async fn handle(self, delivery: Delivery) {
-        let (dispatch, _) = match message::decode(&delivery.data) {
-            Ok(decoded) => decoded,
+        let batch = delivery
+            .properties
+            .kind()
+            .as_ref()
+            .is_some_and(|kind| kind.as_str() == message::BATCH_TYPE);
+        let decoded = if batch {
+            message::decode_batch(&delivery.data)
+        } else {
+            message::decode(&delivery.data).map(|(dispatch, _)| vec![dispatch])
+        };
+        let dispatches = match decoded {
+            Ok(dispatches) => dispatches,
             Err(e) => {
                 tracing::warn!(
                     error = %e,
@@ -237,22 +268,67 @@ impl Delivered {
                 return;
             }
         };
-        let job_id = dispatch.job_id.clone();
+        let handled = futures::future::join_all(
+            dispatches
+                .iter()
+                .map(|dispatch| self.start(&delivery, dispatch)),
+        )
+        .await;
+        let label = if batch {
+            format!(
+                "batch of {} from {}",
+                dispatches.len(),
+                dispatches[0].job_id
+            )
+        } else {
+            dispatches[0].job_id.clone()
+        };
+        if handled.iter().any(|h| matches!(h, Handled::Gone)) {
+            return;
+        }
+        if handled.iter().any(|h| matches!(h, Handled::Failed)) {
+            // Hold the message (and its slots) for a while, so that an
+            // unreachable orchd is not hit by a redelivery loop.
+            let wait = self.shared.start_backoff();
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.gone.cancelled() => return,
+            }
+            let requeue = BasicNackOptions {
+                multiple: false,
+                requeue: true,
+            };
+            if let Err(e) = delivery.acker.nack(requeue).await {
+                tracing::debug!(job_id = %label, error = %e, "nack failed; the broker requeues on channel loss");
+            }
+            return;
+        }
+        if !batch && matches!(handled[0], Handled::Unknown) {
+            reject(&delivery, Some(&label)).await;
+            return;
+        }
+        ack(&delivery, &label).await;
+    }
+
+    /// Starts one dispatch of `delivery` once a slot is free; the attempt
+    /// then runs on its own, holding the slot.
+    async fn start(&self, delivery: &Delivery, dispatch: &DispatchMessage) -> Handled {
+        let job_id = dispatch.job_id.as_str();
         // Wait for a free slot before StartAttempt, so an attempt only starts
         // (and its lease only runs) when it can run.
         let slot = tokio::select! {
             slot = self.slots.clone().acquire_owned() => match slot {
                 Ok(slot) => slot,
-                Err(_) => return,
+                Err(_) => return Handled::Gone,
             },
-            _ = self.gone.cancelled() => return,
+            _ = self.gone.cancelled() => return Handled::Gone,
         };
         if !delivery.acker.usable() {
             // The channel died while the message waited; the broker has
             // already put it back.
-            return;
+            return Handled::Gone;
         }
-        match attempt::start(&self.shared, &dispatch).await {
+        match attempt::start(&self.shared, dispatch).await {
             StartOutcome::Run(started) => {
                 // The attempt is orchd's record now, so the message has done
                 // its work: the run need not wait for the ack to be written
@@ -260,15 +336,15 @@ impl Delivered {
                 // ack only means a redelivery that orchd will drop.
                 let shared = self.shared.clone();
                 self.attempts.spawn(run_holding(shared, *started, slot));
-                ack(&delivery, &job_id).await;
+                Handled::Started
             }
             StartOutcome::Drop(reason) => {
                 tracing::info!(job_id = %job_id, reason = %reason, "orchd says drop this message");
-                ack(&delivery, &job_id).await;
+                Handled::Dropped
             }
             StartOutcome::UnknownJob(message) => {
-                tracing::warn!(job_id = %job_id, error = %message, "dispatch for an unknown job; rejecting it to the dead-letter queue");
-                reject(&delivery, Some(&job_id)).await;
+                tracing::warn!(job_id = %job_id, error = %message, "dispatch for an unknown job; dropping it (a message of its own goes to the dead-letter queue)");
+                Handled::Unknown
             }
             StartOutcome::Failed(status) => {
                 let wait = self.shared.start_backoff();
@@ -292,19 +368,7 @@ impl Delivered {
                         "orchd refused StartAttempt; check this worker's settings; the message goes back to the queue"
                     );
                 }
-                // Hold the message (and the slot) for a while, so that an
-                // unreachable orchd is not hit by a redelivery loop.
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = self.gone.cancelled() => return,
-                }
-                let requeue = BasicNackOptions {
-                    multiple: false,
-                    requeue: true,
-                };
-                if let Err(e) = delivery.acker.nack(requeue).await {
-                    tracing::debug!(job_id = %job_id, error = %e, "nack failed; the broker requeues on channel loss");
-                }
+                Handled::Failed
             }
         }
     }

@@ -534,3 +534,113 @@ async fn a_handler_that_ignores_cancellation_is_abandoned_after_the_grace() {
     worker.stop(T).await;
     orchd.stop().await;
 }
+
+/// Sends: a SubmitJobs batch (orchd publishes it as one batch message),
+/// then a hand-made batch message holding a duplicate of a completed
+/// job's dispatch, a dispatch for a job orchd does not know and one for a
+/// job that has not run. Asserts: every batched job completes exactly once
+/// (attempt 1); in the hand-made message the new job runs, the duplicate is
+/// dropped (the completed job is unchanged) and the message is acked, so
+/// nothing is left on the queue or dead-lettered.
+#[tokio::test]
+async fn batch_messages_run_each_job_once_and_are_acked_as_a_whole() {
+    let orchd = Orchd::start().await;
+    let queue = fresh_queue();
+    let mut jobs = orchd.jobs().await;
+    let batch = jobs
+        .submit_jobs(orchestrator::proto::v1::SubmitJobsRequest {
+            jobs: (0..5)
+                .map(|n| spec("echo", &queue, json!({ "n": n })))
+                .collect(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
+    let worker = Worker::start(worker_config(&orchd, &queue));
+    for job in &batch {
+        let done = wait_terminal(&mut jobs, &job.id, T).await;
+        assert_eq!(state(&done), State::Completed, "{done:?}");
+        assert_eq!(done.attempt, 1);
+        let completions = done
+            .history
+            .iter()
+            .filter(|t| t.to == State::Completed.to_proto() as i32)
+            .count();
+        assert_eq!(completions, 1);
+    }
+
+    let connection = amqp::connect(&orchd.amqp_url, "test-batch").await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let mut tap = dead_letter_tap(&channel).await;
+    // Hold the next job back from the worker: it is created on a queue no
+    // one consumes, and the hand-made batch names it.
+    let parked = fresh_queue();
+    let fresh = submit(&mut jobs, spec("echo", &parked, json!({"fresh": true}))).await;
+    let dispatch = |id: &str, queue: &str| DispatchMessage {
+        job_id: id.to_owned(),
+        kind: "echo".into(),
+        queue: queue.to_owned(),
+        attempt: 1,
+        published_at: None,
+        namespace: "default".into(),
+        max_attempts: 3,
+    };
+    let completed_before = get(&mut jobs, &batch[0].id).await;
+    let body = message::encode_batch(&[
+        dispatch(&batch[0].id, &queue),
+        dispatch(&uuid::Uuid::new_v4().to_string(), &queue),
+        dispatch(&fresh.id, &queue),
+    ]);
+    channel
+        .basic_publish(
+            topology::JOBS_EXCHANGE.into(),
+            topology::routing_key("default", &queue).as_str().into(),
+            BasicPublishOptions::default(),
+            &body,
+            BasicProperties::default()
+                .with_type(message::BATCH_TYPE.into())
+                .with_message_id("hand-made".into()),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let ran = wait_terminal(&mut jobs, &fresh.id, T).await;
+    assert_eq!(state(&ran), State::Completed);
+    assert_eq!(
+        get(&mut jobs, &batch[0].id).await,
+        completed_before,
+        "the duplicate changed nothing"
+    );
+    // Acked as a whole: nothing back on the queue, nothing dead-lettered.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_, left) = topology_counts(&channel, &queue).await;
+    assert_eq!(left, 0, "the batch message was acked");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), tap.next())
+            .await
+            .is_err(),
+        "nothing dead-lettered"
+    );
+
+    let _ = connection.close(0, "done".into()).await;
+    worker.stop(T).await;
+    orchd.stop().await;
+}
+
+/// Messages ready and unacked on `queue` (default namespace).
+async fn topology_counts(channel: &Channel, queue: &str) -> (u32, u32) {
+    let declared = channel
+        .queue_declare(
+            topology::queue_name("default", queue).as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    (declared.consumer_count(), declared.message_count())
+}

@@ -102,13 +102,14 @@ pub fn fresh_queue() -> String {
     unique_name("q")
 }
 
-/// Takes the next dispatch from job queue `queue` on the broker at
-/// `amqp_url`, waiting up to `timeout` for one to arrive.
-pub async fn next_dispatch(
+/// Takes the next message off `queue` (default namespace), waiting up to
+/// `timeout`: its dispatches (several for a batch message), its delivery
+/// mode, and whether it was a batch message.
+pub async fn next_message(
     amqp_url: &str,
     queue: &str,
     timeout: Duration,
-) -> Option<(DispatchMessage, u8)> {
+) -> Option<(Vec<DispatchMessage>, u8, bool)> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         if let Ok(conn) = orchestrator::queue::amqp::connect(amqp_url, "test-reader").await {
@@ -126,9 +127,18 @@ pub async fn next_dispatch(
                 .expect("basic.get");
             if let Some(delivery) = got {
                 let mode = delivery.properties.delivery_mode().unwrap_or(0);
-                let (msg, _) = message::decode(&delivery.data).expect("a valid dispatch");
+                let batch = delivery
+                    .properties
+                    .kind()
+                    .as_ref()
+                    .is_some_and(|k| k.as_str() == message::BATCH_TYPE);
+                let dispatches = if batch {
+                    message::decode_batch(&delivery.data).expect("a valid batch")
+                } else {
+                    vec![message::decode(&delivery.data).expect("a valid dispatch").0]
+                };
                 let _ = conn.close(0, "done".into()).await;
-                return Some((msg, mode));
+                return Some((dispatches, mode, batch));
             }
             let _ = conn.close(0, "done".into()).await;
         }
@@ -137,6 +147,21 @@ pub async fn next_dispatch(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// [`next_message`] for a message of one dispatch (what a single submit
+/// publishes).
+pub async fn next_dispatch(
+    amqp_url: &str,
+    queue: &str,
+    timeout: Duration,
+) -> Option<(DispatchMessage, u8)> {
+    let (mut dispatches, mode, batch) = next_message(amqp_url, queue, timeout).await?;
+    assert!(
+        !batch && dispatches.len() == 1,
+        "expected one dispatch, got a batch"
+    );
+    Some((dispatches.remove(0), mode))
 }
 
 /// Polls `f` every 50 ms until it returns `Some`, or panics after `timeout`.
