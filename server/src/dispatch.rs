@@ -3,7 +3,10 @@
 //! confirmed it.
 //!
 //! A submit stores the job with a due-set entry already claimed by this
-//! process and publishes it at once. If the publish fails or the process
+//! process and publishes it at once: alone when the dispatcher is idle,
+//! together with the other jobs for its queue that arrived while earlier
+//! publishes were under way otherwise (one `DispatchBatch` message, since
+//! RabbitMQ's cost is per message). If the publish fails or the process
 //! dies first, the claim runs out and the outbox loop of any replica
 //! publishes the job. Claims are taken atomically in the store, so replicas
 //! never publish the same entry at the same time; a duplicate after a
@@ -20,6 +23,7 @@ use orchestrator::job::{ms_to_timestamp, now_ms};
 use orchestrator::proto::v1::{ControlMessage, DispatchMessage, Job, control_message::Action};
 use orchestrator::queue::{JobQueue, message};
 use orchestrator::store::{DueJob, JobStore};
+use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -45,21 +49,39 @@ impl Default for DispatchConfig {
     }
 }
 
+/// Publishes of just-created jobs under way at once; what arrives while
+/// they are goes out with the next ones.
+const PUBLISHES_IN_FLIGHT: usize = 8;
+/// Most just-created jobs gathered for one round of publishes.
+const MAX_GATHERED: usize = 500;
+
 /// Publishes jobs; cheap to clone.
 #[derive(Clone)]
 pub struct Dispatcher {
+    publisher: Arc<Publisher>,
+    config: DispatchConfig,
+    /// Just-created jobs, to the task that gathers them (see
+    /// [`Dispatcher::dispatch_many_soon`]).
+    soon: mpsc::UnboundedSender<DueJob>,
+}
+
+/// What publishes, shared by the dispatcher's clones and its tasks.
+struct Publisher {
     store: Arc<dyn JobStore>,
     queue: Arc<dyn JobQueue>,
-    config: DispatchConfig,
 }
 
 impl Dispatcher {
-    /// A dispatcher from `store`'s due-set to `queue`.
+    /// A dispatcher from `store`'s due-set to `queue`. Starts the task
+    /// that publishes just-created jobs; it ends with the last clone.
     pub fn new(store: Arc<dyn JobStore>, queue: Arc<dyn JobQueue>, config: DispatchConfig) -> Self {
+        let publisher = Arc::new(Publisher { store, queue });
+        let (soon, gathered) = mpsc::unbounded_channel();
+        tokio::spawn(gather(publisher.clone(), gathered));
         Dispatcher {
-            store,
-            queue,
+            publisher,
             config,
+            soon,
         }
     }
 
@@ -73,16 +95,16 @@ impl Dispatcher {
         self.dispatch_many_soon([job], claim);
     }
 
-    /// Publishes just-created jobs in the background; the jobs for one
-    /// queue go together, in messages of up to [`message::MAX_BATCH`].
+    /// Publishes just-created jobs in the background. Jobs for one queue
+    /// that are waiting together go out as one message (up to
+    /// [`message::MAX_BATCH`]): the jobs of one SubmitJobs call, and the
+    /// single submits that arrived while earlier publishes were under way.
+    /// A job waits for no timer: an idle dispatcher publishes at once. If
+    /// the job cannot be handed over (the server is stopping), its due
+    /// entry stays and the outbox publishes it.
     pub fn dispatch_many_soon<'a>(&self, jobs: impl IntoIterator<Item = &'a Job>, claim: i64) {
-        let due = jobs
-            .into_iter()
-            .filter_map(|job| due_of(job, claim))
-            .collect();
-        for group in by_queue(due) {
-            let this = self.clone();
-            tokio::spawn(async move { this.publish(group).await });
+        for due in jobs.into_iter().filter_map(|job| due_of(job, claim)) {
+            let _ = self.soon.send(due);
         }
     }
 
@@ -101,7 +123,7 @@ impl Dispatcher {
             sent_at: Some(ms_to_timestamp(now_ms())),
         };
         let worker_id = job.worker_id.clone();
-        let queue = self.queue.clone();
+        let queue = self.publisher.queue.clone();
         tokio::spawn(async move {
             match queue.send_control(&worker_id, &message).await {
                 Ok(()) => {
@@ -113,7 +135,33 @@ impl Dispatcher {
             }
         });
     }
+}
 
+/// Publishes just-created jobs: waits for one, then for a free publish
+/// slot, and takes along every job that arrived meanwhile.
+async fn gather(publisher: Arc<Publisher>, mut gathered: mpsc::UnboundedReceiver<DueJob>) {
+    let slots = Arc::new(Semaphore::new(PUBLISHES_IN_FLIGHT));
+    while let Some(first) = gathered.recv().await {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let mut round = vec![first];
+        while round.len() < MAX_GATHERED {
+            match gathered.try_recv() {
+                Ok(due) => round.push(due),
+                Err(_) => break,
+            }
+        }
+        let publisher = publisher.clone();
+        tokio::spawn(async move {
+            futures::future::join_all(by_queue(round).into_iter().map(|g| publisher.publish(g)))
+                .await;
+            drop(slot);
+        });
+    }
+}
+
+impl Publisher {
     /// Publishes claimed entries of one queue (one message, or a batch
     /// message for several) and acknowledges them in the store. Returns
     /// whether the broker confirmed it.
@@ -148,13 +196,16 @@ impl Dispatcher {
         futures::future::join_all(acks).await;
         true
     }
+}
 
+impl Dispatcher {
     /// Runs the outbox loop until `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) {
         let mut failures = 0u32;
         loop {
             let now = now_ms();
             let claimed = self
+                .publisher
                 .store
                 .claim_due(now, now + self.claim_ttl_ms(), self.config.batch)
                 .await;
@@ -163,7 +214,7 @@ impl Dispatcher {
                 Ok(due) => {
                     let full = due.len() == self.config.batch;
                     let published = futures::future::join_all(
-                        by_queue(due).into_iter().map(|g| self.publish(g)),
+                        by_queue(due).into_iter().map(|g| self.publisher.publish(g)),
                     )
                     .await;
                     if published.iter().all(|ok| *ok) {
@@ -225,4 +276,116 @@ fn by_queue(due: Vec<DueJob>) -> Vec<Vec<DueJob>> {
 
 fn backoff(failures: u32, base: Duration) -> Duration {
     (base * 2u32.saturating_pow(failures.min(5))).min(Duration::from_secs(2))
+}
+
+#[cfg(test)]
+mod tests {
+    //! The gathering of just-created jobs, on the in-memory store and a
+    //! queue of this test that holds publishes until told to go on.
+
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use async_trait::async_trait;
+    use orchestrator::error::Result;
+    use orchestrator::store::embedded::EmbeddedStore;
+    use tokio::sync::Notify;
+
+    use super::*;
+
+    #[derive(Default)]
+    struct HeldQueue {
+        /// The size of every message published.
+        sizes: Mutex<Vec<usize>>,
+        hold: AtomicBool,
+        release: Notify,
+    }
+
+    #[async_trait]
+    impl JobQueue for HeldQueue {
+        async fn publish(&self, message: &DispatchMessage) -> Result<()> {
+            self.publish_batch(std::slice::from_ref(message)).await
+        }
+
+        async fn publish_batch(&self, messages: &[DispatchMessage]) -> Result<()> {
+            self.sizes.lock().unwrap().push(messages.len());
+            while self.hold.load(Ordering::SeqCst) {
+                self.release.notified().await;
+            }
+            Ok(())
+        }
+
+        async fn send_control(&self, _: &str, _: &ControlMessage) -> Result<()> {
+            Ok(())
+        }
+
+        async fn ping(&self) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    fn job(queue: &str) -> Job {
+        Job {
+            id: Uuid::new_v4().to_string(),
+            kind: "noop".into(),
+            queue: queue.into(),
+            max_attempts: 3,
+            ..Job::default()
+        }
+    }
+
+    async fn published(queue: &HeldQueue, messages: usize) -> Vec<usize> {
+        for _ in 0..1000 {
+            let sizes = queue.sizes.lock().unwrap().clone();
+            if sizes.len() >= messages {
+                return sizes;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!(
+            "expected {messages} messages, got {:?}",
+            queue.sizes.lock().unwrap()
+        );
+    }
+
+    #[tokio::test]
+    async fn an_idle_dispatcher_publishes_a_lone_job_at_once() {
+        let queue = Arc::new(HeldQueue::default());
+        let store = Arc::new(EmbeddedStore::in_memory(Duration::from_secs(60)).unwrap());
+        let dispatcher = Dispatcher::new(store, queue.clone(), DispatchConfig::default());
+        dispatcher.dispatch_soon(&job("a"), 0);
+        assert_eq!(published(&queue, 1).await, vec![1]);
+    }
+
+    #[tokio::test]
+    async fn jobs_arriving_while_publishes_are_under_way_go_out_together_per_queue() {
+        let queue = Arc::new(HeldQueue::default());
+        queue.hold.store(true, Ordering::SeqCst);
+        let store = Arc::new(EmbeddedStore::in_memory(Duration::from_secs(60)).unwrap());
+        let dispatcher = Dispatcher::new(store, queue.clone(), DispatchConfig::default());
+        // Every publish slot taken by a held lone job.
+        for n in 0..PUBLISHES_IN_FLIGHT {
+            dispatcher.dispatch_soon(&job("a"), 0);
+            published(&queue, n + 1).await;
+        }
+        // Meanwhile: 60 jobs for queue a, 3 for queue b.
+        for _ in 0..60 {
+            dispatcher.dispatch_soon(&job("a"), 0);
+        }
+        for _ in 0..3 {
+            dispatcher.dispatch_soon(&job("b"), 0);
+        }
+        queue.hold.store(false, Ordering::SeqCst);
+        queue.release.notify_waiters();
+        let mut sizes = published(&queue, PUBLISHES_IN_FLIGHT + 3).await;
+        let later = sizes.split_off(PUBLISHES_IN_FLIGHT);
+        assert_eq!(sizes, vec![1; PUBLISHES_IN_FLIGHT]);
+        let mut later = later;
+        later.sort_unstable();
+        assert_eq!(
+            later,
+            vec![3, 10, 50],
+            "queue a in messages of 50 and 10, queue b in one"
+        );
+    }
 }
