@@ -135,6 +135,48 @@ impl Dispatcher {
             }
         });
     }
+
+    /// Runs the outbox loop until `shutdown`.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut failures = 0u32;
+        loop {
+            let now = now_ms();
+            let claimed = self
+                .publisher
+                .store
+                .claim_due(now, now + self.claim_ttl_ms(), self.config.batch)
+                .await;
+            let pause = match claimed {
+                Ok(due) if due.is_empty() => self.config.poll_interval,
+                Ok(due) => {
+                    let full = due.len() == self.config.batch;
+                    let published = futures::future::join_all(
+                        by_queue(due).into_iter().map(|g| self.publisher.publish(g)),
+                    )
+                    .await;
+                    if published.iter().all(|ok| *ok) {
+                        failures = 0;
+                    } else {
+                        failures += 1;
+                    }
+                    if full && failures == 0 {
+                        Duration::ZERO
+                    } else {
+                        backoff(failures, self.config.poll_interval)
+                    }
+                }
+                Err(e) => {
+                    failures += 1;
+                    tracing::warn!(error = %e, "outbox: cannot read the due-set");
+                    backoff(failures, self.config.poll_interval)
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
+    }
 }
 
 /// Publishes just-created jobs: waits for one, then for a free publish
@@ -195,50 +237,6 @@ impl Publisher {
         });
         futures::future::join_all(acks).await;
         true
-    }
-}
-
-impl Dispatcher {
-    /// Runs the outbox loop until `shutdown`.
-    pub async fn run(self, shutdown: CancellationToken) {
-        let mut failures = 0u32;
-        loop {
-            let now = now_ms();
-            let claimed = self
-                .publisher
-                .store
-                .claim_due(now, now + self.claim_ttl_ms(), self.config.batch)
-                .await;
-            let pause = match claimed {
-                Ok(due) if due.is_empty() => self.config.poll_interval,
-                Ok(due) => {
-                    let full = due.len() == self.config.batch;
-                    let published = futures::future::join_all(
-                        by_queue(due).into_iter().map(|g| self.publisher.publish(g)),
-                    )
-                    .await;
-                    if published.iter().all(|ok| *ok) {
-                        failures = 0;
-                    } else {
-                        failures += 1;
-                    }
-                    if full && failures == 0 {
-                        Duration::ZERO
-                    } else {
-                        backoff(failures, self.config.poll_interval)
-                    }
-                }
-                Err(e) => {
-                    failures += 1;
-                    tracing::warn!(error = %e, "outbox: cannot read the due-set");
-                    backoff(failures, self.config.poll_interval)
-                }
-            };
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(pause) => {}
-            }
-        }
     }
 }
 
@@ -334,13 +332,17 @@ mod tests {
         }
     }
 
+    /// The sizes published once there are `messages` of them. Waits on the
+    /// clock, not a count of yields: a slot frees only after the store's
+    /// acks, which run on the blocking pool.
     async fn published(queue: &HeldQueue, messages: usize) -> Vec<usize> {
-        for _ in 0..1000 {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while tokio::time::Instant::now() < deadline {
             let sizes = queue.sizes.lock().unwrap().clone();
             if sizes.len() >= messages {
                 return sizes;
             }
-            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
         panic!(
             "expected {messages} messages, got {:?}",
