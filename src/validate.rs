@@ -136,6 +136,17 @@ pub fn json_body<T: DeserializeOwned>(body: &[u8]) -> Result<T> {
     }
 }
 
+/// A batch of `len` `items` in field `field` must hold 1 to `max` of them.
+pub fn batch_len(field: &str, len: usize, max: usize, items: &str) -> Result<()> {
+    if len == 0 || len > max {
+        return Err(Error::invalid(
+            field,
+            format!("must hold 1 to {max} {items}, got {len}"),
+        ));
+    }
+    Ok(())
+}
+
 /// Parses a job id: a UUID in its hyphenated form.
 pub fn job_id(value: &str) -> Result<Uuid> {
     if value.is_empty() {

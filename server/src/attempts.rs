@@ -75,16 +75,6 @@ fn lease_of(requested: Option<pbjson_types::Duration>, config: &LeaseConfig) -> 
     Ok(lease)
 }
 
-fn batch_size(len: usize) -> Result<()> {
-    if len == 0 || len > MAX_BATCH {
-        return Err(Error::invalid(
-            "attempts",
-            format!("must hold 1 to {MAX_BATCH} requests, got {len}"),
-        ));
-    }
-    Ok(())
-}
-
 fn worker_id(value: &str) -> Result<()> {
     if value.is_empty() {
         return Err(Error::invalid("worker_id", "must not be empty"));
@@ -186,7 +176,7 @@ impl AttemptService {
         reqs: Vec<StartAttemptRequest>,
         caller: &Caller,
     ) -> Result<Vec<Result<StartAttemptResponse>>> {
-        batch_size(reqs.len())?;
+        validate::batch_len("attempts", reqs.len(), MAX_BATCH, "requests")?;
         Ok(futures::future::join_all(reqs.into_iter().map(|req| self.start(req, caller))).await)
     }
 
@@ -197,7 +187,7 @@ impl AttemptService {
         reqs: Vec<FinishAttemptRequest>,
         caller: &Caller,
     ) -> Result<Vec<Result<Job>>> {
-        batch_size(reqs.len())?;
+        validate::batch_len("attempts", reqs.len(), MAX_BATCH, "requests")?;
         Ok(futures::future::join_all(reqs.into_iter().map(|req| self.finish(req, caller))).await)
     }
 

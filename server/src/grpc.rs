@@ -18,27 +18,6 @@ use orchestrator::proto::v1::{
 };
 use tonic::{Request, Response, Status};
 
-/// The results of a batch call, one per request: `answer` of what the
-/// request returned, or the error the single call would have failed with.
-fn per_request<T, A, R>(
-    outcomes: Vec<orchestrator::error::Result<T>>,
-    answer: impl Fn(T) -> A,
-    result: impl Fn(Result<A, AttemptError>) -> R,
-) -> Vec<R> {
-    outcomes
-        .into_iter()
-        .map(|outcome| {
-            result(outcome.map(&answer).map_err(|e| {
-                let status = Status::from(e);
-                AttemptError {
-                    code: status.code() as i32,
-                    message: status.message().to_owned(),
-                }
-            }))
-        })
-        .collect()
-}
-
 use crate::attempts::AttemptService;
 use crate::auth::grpc_caller;
 use crate::service::JobService;
@@ -218,4 +197,25 @@ impl worker_service_server::WorkerService for GrpcWorkers {
         });
         Ok(Response::new(FinishAttemptsResponse { results }))
     }
+}
+
+/// The results of a batch call, one per request: `answer` of what the
+/// request returned, or the error the single call would have failed with.
+fn per_request<T, A, R>(
+    outcomes: Vec<orchestrator::error::Result<T>>,
+    answer: impl Fn(T) -> A,
+    result: impl Fn(Result<A, AttemptError>) -> R,
+) -> Vec<R> {
+    outcomes
+        .into_iter()
+        .map(|outcome| {
+            result(outcome.map(&answer).map_err(|e| {
+                let status = Status::from(e);
+                AttemptError {
+                    code: status.code() as i32,
+                    message: status.message().to_owned(),
+                }
+            }))
+        })
+        .collect()
 }

@@ -102,15 +102,7 @@ impl JobService {
         req: SubmitJobsRequest,
         caller: &Caller,
     ) -> Result<SubmitJobsResponse> {
-        if req.jobs.is_empty() || req.jobs.len() > MAX_BATCH {
-            return Err(Error::invalid(
-                "jobs",
-                format!(
-                    "must hold 1 to {MAX_BATCH} job specs, got {}",
-                    req.jobs.len()
-                ),
-            ));
-        }
+        validate::batch_len("jobs", req.jobs.len(), MAX_BATCH, "job specs")?;
         let mut batch = Vec::with_capacity(req.jobs.len());
         for (i, spec) in req.jobs.iter().enumerate() {
             let mut new = validate::submit(spec, &self.limits).map_err(|e| match e {
@@ -138,23 +130,22 @@ impl JobService {
         let claim = now + self.dispatcher.claim_ttl_ms();
         let created = self.store.create_many(&batch, now, claim).await?;
         let mut jobs = Vec::with_capacity(created.len());
-        let mut new = Vec::with_capacity(created.len());
+        // Where in `jobs` the newly created ones are.
+        let mut fresh = Vec::with_capacity(created.len());
         for outcome in created {
-            new.push(matches!(outcome, Created::New(_)));
             match outcome {
-                Created::New(job) | Created::Existing(job) => jobs.push(*job),
+                Created::New(job) => {
+                    fresh.push(jobs.len());
+                    jobs.push(*job);
+                }
+                Created::Existing(job) => jobs.push(*job),
             }
         }
         // The batch's jobs for one queue go out together: one message per
         // queue (up to 50 jobs each) instead of one per job.
-        let fresh = jobs
-            .iter()
-            .zip(&new)
-            .filter(|(_, new)| **new)
-            .map(|(job, _)| job);
-        self.dispatcher.dispatch_many_soon(fresh, claim);
-        let fresh = new.iter().filter(|new| **new).count();
-        tracing::info!(submitted = jobs.len(), new = fresh, "batch submitted");
+        self.dispatcher
+            .dispatch_many_soon(fresh.iter().map(|&i| &jobs[i]), claim);
+        tracing::info!(submitted = jobs.len(), new = fresh.len(), "batch submitted");
         Ok(SubmitJobsResponse { jobs })
     }
 

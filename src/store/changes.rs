@@ -71,23 +71,16 @@ impl ChangeHub {
         self.registry.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Registers a watcher of `id` and returns its notices. `on_first`
-    /// runs, under the hub's lock, when `id` had no watcher yet;
-    /// `on_last_gone` runs when the returned stream's watcher was the last
-    /// one and is dropped.
-    pub fn watch(
-        &self,
-        id: Uuid,
-        on_first: impl FnOnce(),
-        on_last_gone: Option<OnLastGone>,
-    ) -> BoxStream<'static, Notice> {
+    /// Registers a watcher of `id` and returns its notices. `on_last_gone`
+    /// runs when the returned stream's watcher was the last one and is
+    /// dropped.
+    pub fn watch(&self, id: Uuid, on_last_gone: Option<OnLastGone>) -> BoxStream<'static, Notice> {
         let mut registry = self.lock();
         let Registry {
             entries,
             next_epoch,
         } = &mut *registry;
         let entry = entries.entry(id).or_insert_with(|| {
-            on_first();
             *next_epoch += 1;
             let (sender, _) = broadcast::channel(NOTICES_BUFFERED);
             Entry {
@@ -112,11 +105,6 @@ impl ChangeHub {
         .boxed()
     }
 
-    /// Whether anyone in this process watches `id`.
-    pub fn is_watched(&self, id: Uuid) -> bool {
-        self.lock().entries.contains_key(&id)
-    }
-
     /// Tells the watchers of `id`, if any, what `notice` makes; it is only
     /// built when someone watches.
     pub fn notify(&self, id: Uuid, notice: impl FnOnce() -> Notice) {
@@ -133,7 +121,7 @@ impl ChangeHub {
         self.lock().entries.clear();
     }
 
-    /// How many jobs are watched (for tests and metrics).
+    /// How many jobs are watched.
     pub fn watched(&self) -> usize {
         self.lock().entries.len()
     }
@@ -210,9 +198,9 @@ mod tests {
     async fn every_watcher_of_a_job_gets_its_notices_and_no_other() {
         let hub = ChangeHub::new();
         let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
-        let mut first = hub.watch(a, || {}, None);
-        let mut second = hub.watch(a, || {}, None);
-        let mut other = hub.watch(b, || {}, None);
+        let mut first = hub.watch(a, None);
+        let mut second = hub.watch(a, None);
+        let mut other = hub.watch(b, None);
         hub.notify(a, || Notice::Snapshot(job(3)));
         for stream in [&mut first, &mut second] {
             match stream.next().await {
@@ -236,19 +224,14 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn first_and_last_watcher_hooks_run_once_each() {
+    async fn watchers_of_one_job_share_an_entry_and_the_last_one_runs_the_hook() {
         let hub = ChangeHub::new();
         let id = Uuid::new_v4();
-        let firsts = Arc::new(AtomicUsize::new(0));
         let gone = Arc::new(AtomicUsize::new(0));
         let watch = || {
-            let firsts = firsts.clone();
             let gone = gone.clone();
             hub.watch(
                 id,
-                move || {
-                    firsts.fetch_add(1, Ordering::SeqCst);
-                },
                 Some(Box::new(move |_| {
                     gone.fetch_add(1, Ordering::SeqCst);
                 })),
@@ -256,22 +239,23 @@ mod tests {
         };
         let one = watch();
         let two = watch();
-        assert_eq!(firsts.load(Ordering::SeqCst), 1);
-        assert!(hub.is_watched(id));
+        assert_eq!(hub.watched(), 1, "one entry for both");
         drop(one);
         assert_eq!(gone.load(Ordering::SeqCst), 0, "one watcher is left");
         drop(two);
         assert_eq!(gone.load(Ordering::SeqCst), 1);
         assert_eq!(hub.watched(), 0);
-        let _three = watch();
-        assert_eq!(firsts.load(Ordering::SeqCst), 2, "a new first watcher");
+        let three = watch();
+        assert_eq!(hub.watched(), 1, "a new entry");
+        drop(three);
+        assert_eq!(gone.load(Ordering::SeqCst), 2, "its own hook, once");
     }
 
     #[tokio::test]
     async fn a_lagging_watcher_is_told_to_reread() {
         let hub = ChangeHub::new();
         let id = Uuid::new_v4();
-        let mut slow = hub.watch(id, || {}, None);
+        let mut slow = hub.watch(id, None);
         for n in 0..(NOTICES_BUFFERED + 5) {
             hub.notify(id, || Notice::Snapshot(job(n)));
         }
@@ -289,10 +273,10 @@ mod tests {
                 gone.fetch_add(1, Ordering::SeqCst);
             }))
         };
-        let mut old = hub.watch(id, || {}, counted(&gone));
+        let mut old = hub.watch(id, counted(&gone));
         hub.end_all();
         assert!(old.next().await.is_none(), "the stream ends");
-        let mut new = hub.watch(id, || {}, counted(&gone));
+        let mut new = hub.watch(id, counted(&gone));
         drop(old);
         assert_eq!(
             gone.load(Ordering::SeqCst),

@@ -848,7 +848,7 @@ impl JobStore for EmbeddedStore {
     }
 
     async fn changes(&self, id: Uuid) -> Result<BoxStream<'static, Notice>> {
-        Ok(self.changes.watch(id, || {}, None))
+        Ok(self.changes.watch(id, None))
     }
 
     async fn namespaces(&self) -> Result<Vec<String>> {

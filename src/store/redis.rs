@@ -30,7 +30,7 @@ use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script, Value};
 use uuid::Uuid;
 
-use super::changes::{ChangeHub, Notice};
+use super::changes::Notice;
 use super::subscriber::Subscriber;
 use super::{Applied, Change, Created, Due, DueJob, ExpiredLease, JobStore, LeaseChange, Page};
 use crate::error::{Error, Result};
@@ -219,11 +219,7 @@ impl RedisStore {
             .set_max_delay(Duration::from_millis(500));
         let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_config)
             .map_err(Error::from)?;
-        let subscriber = Subscriber::new(
-            client.clone(),
-            format!("{}ev:", config.prefix),
-            ChangeHub::new(),
-        );
+        let subscriber = Subscriber::new(client, format!("{}ev:", config.prefix));
         Ok(RedisStore {
             subscriber: std::sync::Arc::new(subscriber),
             conn,
@@ -386,7 +382,6 @@ impl PreparedCreate {
     }
 }
 
-/// A job hash as HGETALL returns it.
 fn index_member(created_ms: i64, id: &str) -> String {
     format!("{created_ms:013}:{id}")
 }
@@ -747,11 +742,7 @@ impl JobStore for RedisStore {
             .arg(if change.silent {
                 String::new()
             } else {
-                format!(
-                    "{} {}",
-                    self.key(&["ev:", &id_str]),
-                    self.subscriber.writer()
-                )
+                self.subscriber.publish_arg(&id_str)
             })
             .arg(
                 change

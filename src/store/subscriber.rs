@@ -52,22 +52,23 @@ pub struct Subscriber {
 
 impl Subscriber {
     /// A subscriber for `client`'s server, on the channels `channel_prefix`
-    /// + job id, feeding `hub`. Connects on the first watch.
-    pub fn new(client: redis::Client, channel_prefix: String, hub: ChangeHub) -> Self {
+    /// + job id. Connects on the first watch.
+    pub fn new(client: redis::Client, channel_prefix: String) -> Self {
         Subscriber {
             client,
             channel_prefix,
-            hub,
+            hub: ChangeHub::new(),
             writer: Uuid::new_v4().to_string().into(),
             live: Arc::default(),
             connecting: tokio::sync::Mutex::new(()),
         }
     }
 
-    /// The id this process's writes publish, so that its subscriber can
-    /// tell them from other replicas'.
-    pub fn writer(&self) -> &str {
-        &self.writer
+    /// What a write of job `id` passes to the apply script to PUBLISH:
+    /// the job's channel and this store's writer id, so that this
+    /// subscriber can tell its own writes from other replicas'.
+    pub fn publish_arg(&self, id: &str) -> String {
+        format!("{}{id} {}", self.channel_prefix, self.writer)
     }
 
     /// The hub this subscriber feeds (and the store pushes its own writes to).
@@ -115,7 +116,7 @@ impl Subscriber {
                 let _ = commands.send(Command::Unsubscribe(channel));
             })
         };
-        let notices = self.hub.watch(id, || {}, Some(unsubscribe));
+        let notices = self.hub.watch(id, Some(unsubscribe));
         // Every watcher subscribes (a no-op in Redis when the channel
         // already is), so each waits until the subscription is live. No
         // await between registering and queueing: a watcher dropped

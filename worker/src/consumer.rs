@@ -231,8 +231,9 @@ enum Handled {
     Dropped,
     /// orchd does not know the job.
     Unknown,
-    /// StartAttempt failed; the message must go back to the queue.
-    Failed,
+    /// StartAttempt failed; the message must go back to the queue after
+    /// this wait.
+    Failed(Duration),
     /// The channel died or the worker is stopping: the broker requeues the
     /// message by itself.
     Gone,
@@ -286,10 +287,16 @@ impl Delivered {
         if handled.iter().any(|h| matches!(h, Handled::Gone)) {
             return;
         }
-        if handled.iter().any(|h| matches!(h, Handled::Failed)) {
-            // Hold the message (and its slots) for a while, so that an
-            // unreachable orchd is not hit by a redelivery loop.
-            let wait = self.shared.start_backoff();
+        let wait = handled
+            .iter()
+            .filter_map(|h| match h {
+                Handled::Failed(wait) => Some(*wait),
+                _ => None,
+            })
+            .max();
+        if let Some(wait) = wait {
+            // Hold the message for a while, so that an unreachable orchd is
+            // not hit by a redelivery loop.
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = self.gone.cancelled() => return,
@@ -368,7 +375,7 @@ impl Delivered {
                         "orchd refused StartAttempt; check this worker's settings; the message goes back to the queue"
                     );
                 }
-                Handled::Failed
+                Handled::Failed(wait)
             }
         }
     }
