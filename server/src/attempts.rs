@@ -11,7 +11,7 @@ use orchestrator::auth::Caller;
 use orchestrator::error::{Error, Result};
 use orchestrator::job::{duration_from_proto, job_state, ms_to_timestamp, now_ms};
 use orchestrator::proto::v1::{
-    FinishAttemptRequest, HeartbeatRequest, HeartbeatResponse, Job, LeaseStatus,
+    FinishAttemptRequest, HeartbeatRequest, HeartbeatResponse, Job, JobView, LeaseStatus,
     StartAttemptRequest, StartAttemptResponse, finish_attempt_request::Outcome,
     start_attempt_response::Decision,
 };
@@ -229,8 +229,24 @@ impl AttemptService {
         Ok(HeartbeatResponse { leases })
     }
 
-    /// FinishAttempt: record the outcome of the attempt holding the lease.
+    /// FinishAttempt: record the outcome of the attempt holding the lease;
+    /// answers the job as `req.view` asks.
     pub async fn finish(&self, req: FinishAttemptRequest, caller: &Caller) -> Result<Job> {
+        let basic = match JobView::try_from(req.view) {
+            Ok(JobView::Basic) => true,
+            Ok(JobView::Unspecified | JobView::Full) => false,
+            Err(_) => {
+                return Err(Error::invalid(
+                    "view",
+                    format!("unknown job view {}", req.view),
+                ));
+            }
+        };
+        let job = self.record(req, caller, basic).await?;
+        Ok(if basic { basic_view(job) } else { job })
+    }
+
+    async fn record(&self, req: FinishAttemptRequest, caller: &Caller, basic: bool) -> Result<Job> {
         let id = validate::job_id(&req.job_id)?;
         if req.lease_token.is_empty() {
             return Err(Error::invalid("lease_token", "must not be empty"));
@@ -257,7 +273,22 @@ impl AttemptService {
                 now_ms(),
             )?;
             change.expect_namespace = caller.confined_to().map(str::to_owned);
-            match self.store.apply(id, &change).await? {
+            let applied = if basic {
+                // What a basic view shows is known without reading the job back.
+                self.store.apply_blind(id, &change).await?.map(|()| {
+                    Box::new(Job {
+                        id: id.to_string(),
+                        state: change.to.map_or(0, |to| to.to_proto() as i32),
+                        attempt: req.attempt,
+                        updated_at: Some(ms_to_timestamp(change.at_ms)),
+                        finished_at: Some(ms_to_timestamp(change.at_ms)),
+                        ..Job::default()
+                    })
+                })
+            } else {
+                self.store.apply(id, &change).await?
+            };
+            match applied {
                 Applied::Done(job) => {
                     log_finished(id, job.attempt, change.to);
                     return Ok(*job);
@@ -356,6 +387,18 @@ fn started(
         lease_token: token,
         lease_expires_at: Some(ms_to_timestamp(now + lease.as_millis() as i64)),
         reason: String::new(),
+    }
+}
+
+/// The fields of `job` that [`JobView::Basic`] shows.
+fn basic_view(job: Job) -> Job {
+    Job {
+        id: job.id,
+        state: job.state,
+        attempt: job.attempt,
+        updated_at: job.updated_at,
+        finished_at: job.finished_at,
+        ..Job::default()
     }
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use common::{TestServer, eventually, fresh_queue, next_dispatch, next_message, spec};
 use orchestrator::proto::v1::start_attempt_response::Decision;
 use orchestrator::proto::v1::{
-    CancelJobRequest, FinishAttemptRequest, GetJobRequest, HeartbeatRequest, Job, Lease,
+    CancelJobRequest, FinishAttemptRequest, GetJobRequest, HeartbeatRequest, Job, JobView, Lease,
     ListJobsRequest, StartAttemptRequest, SubmitJobRequest, WatchJobRequest,
     finish_attempt_request::Outcome, job,
 };
@@ -74,6 +74,7 @@ async fn complete(server: &TestServer, id: &str) -> Job {
             outcome: Some(Outcome::Completed(Default::default())),
             attempt: started.job.map_or(0, |j| j.attempt),
             worker_id: "test-worker".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -696,12 +697,16 @@ async fn watch_streams_the_snapshot_then_changes_until_terminal() {
         .unwrap()
         .unwrap();
     assert_eq!(running.state, job::State::Running as i32);
+    // The one-round-trip completion that reads nothing back (what workers
+    // send): the watcher still gets the whole job.
     workers
         .finish_attempt(FinishAttemptRequest {
             job_id: job.id.clone(),
             lease_token: started.lease_token,
             outcome: Some(Outcome::Completed(Default::default())),
-            ..Default::default()
+            attempt: running.attempt,
+            worker_id: "w".into(),
+            view: JobView::Basic as i32,
         })
         .await
         .unwrap();
@@ -711,6 +716,11 @@ async fn watch_streams_the_snapshot_then_changes_until_terminal() {
         .unwrap()
         .unwrap();
     assert_eq!(done.state, job::State::Completed as i32);
+    assert_eq!(done.kind, "sleep");
+    assert_eq!(
+        done.history.last().map(|t| t.to),
+        Some(job::State::Completed as i32)
+    );
     let end = tokio::time::timeout(Duration::from_secs(5), stream.next())
         .await
         .unwrap();
@@ -1015,6 +1025,7 @@ async fn one_round_trip_starts_and_completions_stay_fenced() {
             outcome: Some(Outcome::Completed(Default::default())),
             attempt: 1,
             worker_id: "w-fast".into(),
+            view: JobView::Basic as i32,
         })
         .await
         .unwrap_err();
@@ -1024,19 +1035,43 @@ async fn one_round_trip_starts_and_completions_stay_fenced() {
         before
     );
 
+    let finish = |view: i32| FinishAttemptRequest {
+        job_id: job.id.clone(),
+        lease_token: started.lease_token.clone(),
+        outcome: Some(Outcome::Completed(Default::default())),
+        attempt: 1,
+        worker_id: "w-fast".into(),
+        view,
+    };
+    let unknown_view = workers.finish_attempt(finish(7)).await.unwrap_err();
+    assert_eq!(unknown_view.code(), Code::InvalidArgument);
+    assert!(unknown_view.message().contains("view"), "{unknown_view:?}");
+    assert_eq!(
+        jobs.get_job(get.clone()).await.unwrap().into_inner(),
+        before
+    );
+
+    // The basic view: what was recorded, without the job read back.
     let done = workers
-        .finish_attempt(FinishAttemptRequest {
-            job_id: job.id.clone(),
-            lease_token: started.lease_token,
-            outcome: Some(Outcome::Completed(Default::default())),
-            attempt: 1,
-            worker_id: "w-fast".into(),
-        })
+        .finish_attempt(finish(JobView::Basic as i32))
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(done.state, job::State::Completed as i32);
-    let last = done.history.last().unwrap();
+    let stored = jobs.get_job(get).await.unwrap().into_inner();
+    assert_eq!(stored.state, job::State::Completed as i32);
+    assert_eq!(
+        done,
+        Job {
+            id: job.id.clone(),
+            state: job::State::Completed as i32,
+            attempt: 1,
+            updated_at: stored.updated_at,
+            finished_at: stored.finished_at,
+            ..Job::default()
+        }
+    );
+    assert!(stored.finished_at.is_some());
+    let last = stored.history.last().unwrap();
     assert_eq!((last.attempt, last.worker_id.as_str()), (1, "w-fast"));
     server.stop().await;
 }
@@ -1130,6 +1165,7 @@ async fn batched_starts_and_finishes_answer_each_request_on_its_own() {
         outcome: Some(Outcome::Completed(Default::default())),
         attempt: 1,
         worker_id: "w-batch".into(),
+        ..Default::default()
     };
     let finished = workers
         .finish_attempts(FinishAttemptsRequest {

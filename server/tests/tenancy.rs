@@ -12,7 +12,7 @@ use common::tokens::{bearer, jobs_as, rest, tokens_file, workers_as};
 use common::{TestServer, fresh_queue, spec};
 use orchestrator::auth::Role;
 use orchestrator::proto::v1::{
-    CancelJobRequest, FinishAttemptRequest, GetJobRequest, GetServerInfoRequest, Job,
+    CancelJobRequest, FinishAttemptRequest, GetJobRequest, GetServerInfoRequest, Job, JobView,
     ListJobsRequest, StartAttemptRequest, SubmitJobRequest, SubmitJobsRequest, WatchJobRequest,
     finish_attempt_request::Outcome, job,
 };
@@ -400,6 +400,12 @@ async fn workers_only_receive_and_run_their_tenants_jobs() {
                 } else {
                     "intruder".into()
                 },
+                // The fast path with nothing read back checks the namespace too.
+                view: if attempt == 0 {
+                    JobView::Full
+                } else {
+                    JobView::Basic
+                } as i32,
             })
             .await
             .unwrap_err();

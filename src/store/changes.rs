@@ -121,6 +121,11 @@ impl ChangeHub {
         self.lock().entries.clear();
     }
 
+    /// Whether anyone watches `id` right now.
+    pub fn is_watched(&self, id: Uuid) -> bool {
+        self.lock().entries.contains_key(&id)
+    }
+
     /// How many jobs are watched.
     pub fn watched(&self) -> usize {
         self.lock().entries.len()

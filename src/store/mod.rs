@@ -105,11 +105,12 @@ pub struct Change {
     pub silent: bool,
 }
 
-/// The result of [`JobStore::apply`].
+/// The result of [`JobStore::apply`] (the job as written) and of
+/// [`JobStore::apply_blind`] (`Applied<()>`: nothing read back).
 #[derive(Debug, Clone)]
-pub enum Applied {
+pub enum Applied<T = Box<Job>> {
     /// The change was written; the job as it is now.
-    Done(Box<Job>),
+    Done(T),
     /// The job is not in the expected state (or lease); nothing changed.
     Conflict {
         /// The state the job is actually in.
@@ -119,6 +120,23 @@ pub enum Applied {
     },
     /// No such job.
     NotFound,
+}
+
+impl<T> Applied<T> {
+    /// The same outcome with `f` applied to what was written.
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Applied<U> {
+        match self {
+            Applied::Done(job) => Applied::Done(f(job)),
+            Applied::Conflict {
+                actual,
+                lease_mismatch,
+            } => Applied::Conflict {
+                actual,
+                lease_mismatch,
+            },
+            Applied::NotFound => Applied::NotFound,
+        }
+    }
 }
 
 /// The result of [`JobStore::create`].
@@ -199,6 +217,14 @@ pub trait JobStore: Send + Sync + 'static {
 
     /// Applies a compare-and-set change.
     async fn apply(&self, id: Uuid, change: &Change) -> Result<Applied>;
+
+    /// Applies a compare-and-set change for a caller that only needs to
+    /// know whether it was written. Stores that can skip reading the job
+    /// back (the largest part of a write's reply); watchers are told as
+    /// after [`JobStore::apply`].
+    async fn apply_blind(&self, id: Uuid, change: &Change) -> Result<Applied<()>> {
+        Ok(self.apply(id, change).await?.map(|_| ()))
+    }
 
     /// Claims up to `limit` jobs due at `now_ms` until `claim_until_ms`.
     /// Entries of jobs that no longer need a dispatch are dropped.

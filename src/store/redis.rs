@@ -117,24 +117,25 @@ const APPLY_LUA: &str = r#"
 -- ARGV[9] retention score ('' none)
 -- ARGV[10] '<event channel> <writer id>' ('' none): PUBLISH the writer id on the channel
 -- ARGV[11] expected attempt ('' any)  ARGV[12] expected namespace ('' any)
--- ARGV[13] n; then n field/value pairs to set; then fields to delete
-local state = redis.call('HGET', KEYS[1], 'state')
+-- ARGV[13] n                          ARGV[14] '1': reply with the job and history
+-- then n field/value pairs to set (the new state among them); then fields
+-- to delete
+-- Every redis.call costs a Lua-to-Redis round of its own, so the guards
+-- read once and the writes to the hash go in one HSET and one HDEL.
+local f = redis.call('HMGET', KEYS[1], 'state', 'ns', 'attempt', 'lease', 'lease_exp', 'id', 'ix')
+local state = f[1]
 if not state then return {-1} end
-if ARGV[12] ~= '' and (redis.call('HGET', KEYS[1], 'ns') or 'default') ~= ARGV[12] then return {-1} end
+local ns = f[2] or 'default'
+if ARGV[12] ~= '' and ns ~= ARGV[12] then return {-1} end
 if ARGV[1] ~= '' and state ~= ARGV[1] then return {0, state, 0} end
-if ARGV[11] ~= '' and (redis.call('HGET', KEYS[1], 'attempt') or '0') ~= ARGV[11] then return {0, state, 0} end
-if ARGV[2] ~= '' and redis.call('HGET', KEYS[1], 'lease') ~= ARGV[2] then return {0, state, 1} end
-if ARGV[3] ~= '' then
-  local exp = tonumber(redis.call('HGET', KEYS[1], 'lease_exp') or '0')
-  if exp > tonumber(ARGV[3]) then return {0, state, 1} end
-end
-local id = redis.call('HGET', KEYS[1], 'id')
+if ARGV[11] ~= '' and (f[3] or '0') ~= ARGV[11] then return {0, state, 0} end
+if ARGV[2] ~= '' and f[4] ~= ARGV[2] then return {0, state, 1} end
+if ARGV[3] ~= '' and tonumber(f[5] or '0') > tonumber(ARGV[3]) then return {0, state, 1} end
+local id = f[6]
 if ARGV[4] ~= '' and ARGV[4] ~= state then
-  local f = redis.call('HMGET', KEYS[1], 'ix', 'ns')
-  local sx = ARGV[5] .. (f[2] or 'default') .. ':state:'
-  redis.call('ZREM', sx .. state, f[1])
-  redis.call('ZADD', sx .. ARGV[4], 0, f[1])
-  redis.call('HSET', KEYS[1], 'state', ARGV[4])
+  local sx = ARGV[5] .. ns .. ':state:'
+  redis.call('ZREM', sx .. state, f[7])
+  redis.call('ZADD', sx .. ARGV[4], 0, f[7])
 end
 if ARGV[6] ~= '' then redis.call('RPUSH', KEYS[2], ARGV[6]) end
 if ARGV[7] == '-' then redis.call('ZREM', KEYS[3], id)
@@ -142,13 +143,14 @@ elseif ARGV[7] ~= '' then redis.call('ZADD', KEYS[3], ARGV[7], id) end
 if ARGV[8] == '-' then redis.call('ZREM', KEYS[4], id)
 elseif ARGV[8] ~= '' then redis.call('ZADD', KEYS[4], ARGV[8], id) end
 if ARGV[9] ~= '' then redis.call('ZADD', KEYS[5], ARGV[9], id) end
-local n = tonumber(ARGV[13])
-for i = 0, n - 1 do redis.call('HSET', KEYS[1], ARGV[14 + 2 * i], ARGV[15 + 2 * i]) end
-for i = 14 + 2 * n, #ARGV do redis.call('HDEL', KEYS[1], ARGV[i]) end
+local last = 14 + 2 * tonumber(ARGV[13])
+if last > 14 then redis.call('HSET', KEYS[1], unpack(ARGV, 15, last)) end
+if #ARGV > last then redis.call('HDEL', KEYS[1], unpack(ARGV, last + 1)) end
 if ARGV[10] ~= '' then
   local channel, writer = string.match(ARGV[10], '^(.*) ([^ ]*)$')
   redis.call('PUBLISH', channel, writer)
 end
+if ARGV[14] == '' then return {1} end
 return {1, redis.call('HGETALL', KEYS[1]), redis.call('LRANGE', KEYS[2], 0, -1)}
 "#;
 
@@ -337,6 +339,126 @@ impl RedisStore {
         }
     }
 
+    /// Runs the apply script for `change`; with `read_back`, the reply
+    /// holds the job and its history as written.
+    async fn invoke_apply(&self, id: Uuid, change: &Change, read_back: bool) -> Result<Value> {
+        let id_str = id.to_string();
+        let mut set: Vec<(&str, Vec<u8>)> = Vec::new();
+        if let Some(to) = change.to {
+            // Written even when unchanged: the script moves the index entry
+            // only when the state differs.
+            set.push(("state", to.as_str().as_bytes().to_vec()));
+        }
+        if !change.silent {
+            set.push(("updated", change.at_ms.to_string().into_bytes()));
+        }
+        let mut del: Vec<&str> = Vec::new();
+        if let Some(attempt) = change.attempt {
+            set.push(("attempt", attempt.to_string().into_bytes()));
+        }
+        match change.cancel_requested {
+            Some(true) => set.push(("cancel", b"1".to_vec())),
+            Some(false) => del.push("cancel"),
+            None => {}
+        }
+        if let Some(error) = &change.error {
+            set.push(("error", error.clone().into_bytes()));
+        }
+        if let Some(result) = &change.result {
+            set.push(("result", result.encode_to_vec()));
+        }
+        if change.started {
+            set.push(("started", change.at_ms.to_string().into_bytes()));
+        }
+        if change.finished {
+            set.push(("finished", change.at_ms.to_string().into_bytes()));
+        }
+        match change.next_attempt_ms {
+            Some(Some(ms)) => set.push(("next_at", ms.to_string().into_bytes())),
+            Some(None) => del.push("next_at"),
+            None => {}
+        }
+        match &change.worker_id {
+            Some(Some(w)) => set.push(("worker", w.clone().into_bytes())),
+            Some(None) => del.push("worker"),
+            None => {}
+        }
+        let lease_arg = match &change.lease {
+            LeaseChange::Keep => String::new(),
+            LeaseChange::Clear => {
+                del.push("lease");
+                del.push("lease_exp");
+                "-".to_owned()
+            }
+            LeaseChange::Set { token, expires_ms } => {
+                set.push(("lease", token.clone().into_bytes()));
+                set.push(("lease_exp", expires_ms.to_string().into_bytes()));
+                expires_ms.to_string()
+            }
+            LeaseChange::Extend { expires_ms } => {
+                set.push(("lease_exp", expires_ms.to_string().into_bytes()));
+                expires_ms.to_string()
+            }
+        };
+        let due_arg = match change.due {
+            Due::Keep => String::new(),
+            Due::Remove => "-".to_owned(),
+            Due::At(ms) => ms.to_string(),
+        };
+        let retention_arg = match change.to {
+            Some(to) if to.is_terminal() => (change.at_ms + self.retention_ms).to_string(),
+            _ => String::new(),
+        };
+        let mut invocation = self.scripts.apply.key(self.job_key(&id_str));
+        invocation
+            .key(self.hist_key(&id_str))
+            .key(self.key(&["due"]))
+            .key(self.key(&["leases"]))
+            .key(self.key(&["retention"]))
+            .arg(change.expect.map(State::as_str).unwrap_or(""))
+            .arg(change.expect_lease.as_deref().unwrap_or(""))
+            .arg(
+                change
+                    .expect_lease_expired_by
+                    .map(|ms| ms.to_string())
+                    .unwrap_or_default(),
+            )
+            .arg(change.to.map(State::as_str).unwrap_or(""))
+            .arg(self.key(&["idx:"]))
+            .arg(
+                change
+                    .history
+                    .as_ref()
+                    .map(Message::encode_to_vec)
+                    .unwrap_or_default(),
+            )
+            .arg(due_arg)
+            .arg(lease_arg)
+            .arg(retention_arg)
+            .arg(if change.silent {
+                String::new()
+            } else {
+                self.subscriber.publish_arg(&id_str)
+            })
+            .arg(
+                change
+                    .expect_attempt
+                    .map(|a| a.to_string())
+                    .unwrap_or_default(),
+            )
+            .arg(change.expect_namespace.as_deref().unwrap_or(""))
+            .arg(set.len())
+            .arg(if read_back { "1" } else { "" });
+        for (name, value) in &set {
+            invocation.arg(*name).arg(value.as_slice());
+        }
+        for name in &del {
+            invocation.arg(*name);
+        }
+        let mut conn = self.conn.clone();
+        Ok(invocation.invoke_async(&mut conn).await?)
+    }
+
     async fn read_many(&self, ids: &[String]) -> Result<Vec<Option<Job>>> {
         if ids.is_empty() {
             return Ok(Vec::new());
@@ -490,15 +612,17 @@ fn decode_job(fields: &Fields<'_>, history: Option<&Value>) -> Result<Job> {
     Ok(job)
 }
 
-fn decode_apply_reply(reply: Value) -> Result<Applied> {
+/// Decodes the apply script's reply; `written` makes the `Done` value from
+/// the rest of the reply (the job and its history, when asked for).
+fn decode_apply_reply<T>(
+    reply: Value,
+    written: impl FnOnce(&[Value]) -> Result<T>,
+) -> Result<Applied<T>> {
     let items: Vec<Value> = redis::from_redis_value(reply)?;
     let code: i64 =
         redis::from_redis_value_ref(items.first().ok_or_else(|| corrupt("empty reply"))?)?;
     match code {
-        1 => {
-            let fields = Fields::of(items.get(1).ok_or_else(|| corrupt("no job in the reply"))?)?;
-            Ok(Applied::Done(Box::new(decode_job(&fields, items.get(2))?)))
-        }
+        1 => Ok(Applied::Done(written(&items[1..])?)),
         0 => {
             let actual: String = redis::from_redis_value_ref(&items[1])?;
             let lease: i64 = redis::from_redis_value_ref(&items[2])?;
@@ -651,116 +775,11 @@ impl JobStore for RedisStore {
     }
 
     async fn apply(&self, id: Uuid, change: &Change) -> Result<Applied> {
-        let id_str = id.to_string();
-        let mut set: Vec<(&str, Vec<u8>)> = Vec::new();
-        if !change.silent {
-            set.push(("updated", change.at_ms.to_string().into_bytes()));
-        }
-        let mut del: Vec<&str> = Vec::new();
-        if let Some(attempt) = change.attempt {
-            set.push(("attempt", attempt.to_string().into_bytes()));
-        }
-        match change.cancel_requested {
-            Some(true) => set.push(("cancel", b"1".to_vec())),
-            Some(false) => del.push("cancel"),
-            None => {}
-        }
-        if let Some(error) = &change.error {
-            set.push(("error", error.clone().into_bytes()));
-        }
-        if let Some(result) = &change.result {
-            set.push(("result", result.encode_to_vec()));
-        }
-        if change.started {
-            set.push(("started", change.at_ms.to_string().into_bytes()));
-        }
-        if change.finished {
-            set.push(("finished", change.at_ms.to_string().into_bytes()));
-        }
-        match change.next_attempt_ms {
-            Some(Some(ms)) => set.push(("next_at", ms.to_string().into_bytes())),
-            Some(None) => del.push("next_at"),
-            None => {}
-        }
-        match &change.worker_id {
-            Some(Some(w)) => set.push(("worker", w.clone().into_bytes())),
-            Some(None) => del.push("worker"),
-            None => {}
-        }
-        let lease_arg = match &change.lease {
-            LeaseChange::Keep => String::new(),
-            LeaseChange::Clear => {
-                del.push("lease");
-                del.push("lease_exp");
-                "-".to_owned()
-            }
-            LeaseChange::Set { token, expires_ms } => {
-                set.push(("lease", token.clone().into_bytes()));
-                set.push(("lease_exp", expires_ms.to_string().into_bytes()));
-                expires_ms.to_string()
-            }
-            LeaseChange::Extend { expires_ms } => {
-                set.push(("lease_exp", expires_ms.to_string().into_bytes()));
-                expires_ms.to_string()
-            }
-        };
-        let due_arg = match change.due {
-            Due::Keep => String::new(),
-            Due::Remove => "-".to_owned(),
-            Due::At(ms) => ms.to_string(),
-        };
-        let retention_arg = match change.to {
-            Some(to) if to.is_terminal() => (change.at_ms + self.retention_ms).to_string(),
-            _ => String::new(),
-        };
-        let mut invocation = self.scripts.apply.key(self.job_key(&id_str));
-        invocation
-            .key(self.hist_key(&id_str))
-            .key(self.key(&["due"]))
-            .key(self.key(&["leases"]))
-            .key(self.key(&["retention"]))
-            .arg(change.expect.map(State::as_str).unwrap_or(""))
-            .arg(change.expect_lease.as_deref().unwrap_or(""))
-            .arg(
-                change
-                    .expect_lease_expired_by
-                    .map(|ms| ms.to_string())
-                    .unwrap_or_default(),
-            )
-            .arg(change.to.map(State::as_str).unwrap_or(""))
-            .arg(self.key(&["idx:"]))
-            .arg(
-                change
-                    .history
-                    .as_ref()
-                    .map(Message::encode_to_vec)
-                    .unwrap_or_default(),
-            )
-            .arg(due_arg)
-            .arg(lease_arg)
-            .arg(retention_arg)
-            .arg(if change.silent {
-                String::new()
-            } else {
-                self.subscriber.publish_arg(&id_str)
-            })
-            .arg(
-                change
-                    .expect_attempt
-                    .map(|a| a.to_string())
-                    .unwrap_or_default(),
-            )
-            .arg(change.expect_namespace.as_deref().unwrap_or(""))
-            .arg(set.len());
-        for (name, value) in &set {
-            invocation.arg(*name).arg(value.as_slice());
-        }
-        for name in &del {
-            invocation.arg(*name);
-        }
-        let mut conn = self.conn.clone();
-        let reply: Value = invocation.invoke_async(&mut conn).await?;
-        let applied = decode_apply_reply(reply)?;
+        let reply = self.invoke_apply(id, change, true).await?;
+        let applied = decode_apply_reply(reply, |rest| {
+            let fields = Fields::of(rest.first().ok_or_else(|| corrupt("no job in the reply"))?)?;
+            Ok(Box::new(decode_job(&fields, rest.get(1))?))
+        })?;
         if let Applied::Done(job) = &applied
             && !change.silent
         {
@@ -770,6 +789,21 @@ impl JobStore for RedisStore {
             self.subscriber.hub().notify(id, || {
                 Notice::Snapshot(std::sync::Arc::new((**job).clone()))
             });
+        }
+        Ok(applied)
+    }
+
+    async fn apply_blind(&self, id: Uuid, change: &Change) -> Result<Applied<()>> {
+        // A job watched here is read back after all, so that its watchers
+        // get it without a read of their own (the latency of a watched job).
+        if !change.silent && self.subscriber.hub().is_watched(id) {
+            return Ok(self.apply(id, change).await?.map(|_| ()));
+        }
+        let reply = self.invoke_apply(id, change, false).await?;
+        let applied = decode_apply_reply(reply, |_| Ok(()))?;
+        if matches!(applied, Applied::Done(())) && !change.silent {
+            // A watch that began since the check above.
+            self.subscriber.hub().notify(id, || Notice::Reread);
         }
         Ok(applied)
     }

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use orchestrator::job::{duration_from_proto, duration_to_proto};
+use orchestrator::proto::v1::JobView;
 use orchestrator::proto::v1::finish_attempt_request::Outcome;
 use orchestrator::proto::v1::start_attempt_response::Decision;
 use orchestrator::proto::v1::{
@@ -368,6 +369,8 @@ async fn finish(
         outcome: Some(report.into_outcome()),
         attempt,
         worker_id: shared.worker_id.clone(),
+        // Nothing of the job is needed back: orchd need not read it.
+        view: JobView::Basic as i32,
     };
     let deadline = Instant::now() + shared.lease;
     let mut tries = 0u32;
