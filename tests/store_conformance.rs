@@ -108,6 +108,7 @@ conformance!(
     case_unknown_ids_are_absent_and_not_found,
     case_namespaces_keep_jobs_indexes_and_keys_apart,
     case_attempt_and_namespace_expectations_guard_a_change,
+    case_a_blind_apply_writes_what_apply_writes,
 );
 
 fn new_job(kind: &str, key: &str) -> orchestrator::job::NewJob {
@@ -920,4 +921,89 @@ async fn case_attempt_and_namespace_expectations_guard_a_change(store: Arc<dyn J
             ..
         }
     ));
+}
+
+async fn case_a_blind_apply_writes_what_apply_writes(store: Arc<dyn JobStore>) {
+    let id = create(&*store, "blind", "").await;
+    let started_at = now_ms();
+    let start = attempt::start_dispatched(
+        attempt::Dispatched {
+            attempt: 1,
+            max_attempts: 3,
+        },
+        "w",
+        "tok".into(),
+        Duration::from_secs(30),
+        started_at,
+    )
+    .unwrap();
+    assert!(matches!(
+        store.apply_blind(id, &start).await.unwrap(),
+        Applied::Done(())
+    ));
+    let running = store.get(id).await.unwrap().unwrap();
+    assert_eq!(running.state, State::Running.to_proto() as i32);
+    assert_eq!((running.attempt, running.worker_id.as_str()), (1, "w"));
+    let complete = |lease: &str| {
+        let mut result = pbjson_types::Struct::default();
+        result.fields.insert(
+            "answer".into(),
+            pbjson_types::Value {
+                kind: Some(pbjson_types::value::Kind::NumberValue(42.0)),
+            },
+        );
+        attempt::complete_attempt(1, "w", lease, result, now_ms()).unwrap()
+    };
+    // Fenced like apply: another lease conflicts and changes nothing; an
+    // unknown job is not found.
+    assert!(matches!(
+        store.apply_blind(id, &complete("stale")).await.unwrap(),
+        Applied::Conflict {
+            actual: State::Running,
+            lease_mismatch: true
+        }
+    ));
+    assert_eq!(store.get(id).await.unwrap().unwrap(), running);
+    assert!(matches!(
+        store
+            .apply_blind(Uuid::new_v4(), &complete("tok"))
+            .await
+            .unwrap(),
+        Applied::NotFound
+    ));
+    // Written in full: the fields set and cleared, the history, the
+    // indexes and the lease set.
+    let done = complete("tok");
+    assert!(matches!(
+        store.apply_blind(id, &done).await.unwrap(),
+        Applied::Done(())
+    ));
+    let job = store.get(id).await.unwrap().unwrap();
+    assert_eq!(job.state, State::Completed.to_proto() as i32);
+    assert_eq!(
+        job.finished_at,
+        Some(orchestrator::job::ms_to_timestamp(done.at_ms))
+    );
+    assert_eq!(job.result, done.result);
+    assert_eq!(job.history.len(), 3);
+    assert_eq!(
+        listed_ids(
+            &*store,
+            &ListQuery {
+                state: Some(State::Completed),
+                ..query()
+            }
+        )
+        .await,
+        [id.to_string()]
+    );
+    assert!(
+        !store
+            .expired_leases(now_ms() + 3_600_000, 100)
+            .await
+            .unwrap()
+            .iter()
+            .any(|lease| lease.id == id),
+        "the lease is gone with the attempt"
+    );
 }
