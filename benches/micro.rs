@@ -298,6 +298,21 @@ fn redis_round_trips(c: &mut Criterion) {
             }
         })
     });
+    // The same renewal with nothing read back: what a completion costs when
+    // the worker asks for the basic view.
+    group.bench_function("apply_lease_renewal_blind", |b| {
+        let change = attempt::renew("lease", LEASE, NOW).unwrap();
+        b.to_async(&rt).iter(|| {
+            let store = store.clone();
+            let change = change.clone();
+            async move {
+                assert!(matches!(
+                    store.apply_blind(running_id, &change).await.unwrap(),
+                    Applied::Done(())
+                ));
+            }
+        })
+    });
     // A compare-and-set that loses: the script reads and refuses.
     group.bench_function("apply_refused", |b| {
         let change = Change {
