@@ -39,8 +39,13 @@
 #                        disk (RabbitMQ CPU 69% -> 44% at 32 -> 128, bench/HISTORY.md)
 #   WORKER_ARGS=         extra orch-worker flags, e.g. "--cancel-push=false" to
 #                        measure cancellation by the heartbeat poll alone
-#   RUN_CELERY=1         also run the Celery reference (threads c=8, prefork c=2; 1 repeat)
-#   RUN_RAW=1            also run the raw RabbitMQ ceiling (lapin, 1 repeat)
+#   REPEAT=3             runs of each scenario measured against the references
+#                        (gRPC, REST and batched throughput, one-at-a-time latency),
+#                        of each Celery pool and of the raw broker; the report shows
+#                        the median of each figure over the runs, as the reference's
+#                        own numbers are medians of 3
+#   RUN_CELERY=1         also run the Celery reference (threads c=8, prefork c=2)
+#   RUN_RAW=1            also run the raw RabbitMQ ceiling (lapin)
 #   GRPC_PORT=50551 HTTP_PORT=8551   where orchd listens (loopback)
 #   REF_SRC=<repo>/../shared/bench  REF=/tmp/orch-bench-ref
 #   BENCH_TMP=/tmp/orch-bench-services   data of the Redis/RabbitMQ started here
@@ -61,6 +66,7 @@ SCALE_LATENCY_N=${SCALE_LATENCY_N:-100}
 BATCH=${BATCH:-100}
 BATCH_CONCURRENCY=${BATCH_CONCURRENCY:-8}
 WARMUP=${WARMUP:-500}
+REPEAT=${REPEAT:-3}
 WORKERS=${WORKERS:-2}
 WORKER_CONCURRENCY=${WORKER_CONCURRENCY:-128}
 WORKER_ARGS=${WORKER_ARGS:-}
@@ -149,7 +155,7 @@ fi
   echo "erlang=$(dpkg-query -W -f '${Version}' erlang-base 2>/dev/null)"
   echo "commit=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null)$(git -C "$ROOT" diff --quiet 2>/dev/null || echo '+changes')"
   echo "load_start=$(cut -d' ' -f1-3 /proc/loadavg)"
-  echo "n=$N latency_n=$LATENCY_N cancel_n=$CANCEL_N concurrency=$CONCURRENCY batch=$BATCH batch_concurrency=$BATCH_CONCURRENCY warmup=$WARMUP"
+  echo "n=$N latency_n=$LATENCY_N cancel_n=$CANCEL_N concurrency=$CONCURRENCY batch=$BATCH batch_concurrency=$BATCH_CONCURRENCY warmup=$WARMUP repeat=$REPEAT"
   echo "workers=$WORKERS worker_concurrency=$WORKER_CONCURRENCY"
   echo "worker_args=$WORKER_ARGS"
 } >"$RESULTS/machine.env"
@@ -208,9 +214,10 @@ rss_line() {
 
 orchctl() { "$BIN/orchctl" --server "$GRPC" "$@"; }
 
-# One scenario: `orchctl -o json bench ARGS` into $RESULTS/NAME.json; a
+# One scenario: `orchctl -o json bench ARGS` into $RESULTS/NAME$RUN.json; a
 # failed check is reported but does not stop the other scenarios. Scenarios
 # not in $SCENARIOS are skipped.
+RUN=
 wanted() { [[ " $SCENARIOS " == *" $1 "* ]]; }
 scenario() {
   local name=$1
@@ -219,11 +226,11 @@ scenario() {
     log "scenario $name skipped (not in SCENARIOS)"
     return 0
   }
-  log "scenario $name: orchctl bench $*"
-  local rc=0
-  orchctl -o json bench --queue "$QUEUE" "$@" >"$RESULTS/$name.json" 2>"$RESULTS/$name.err" || rc=$?
-  [[ $rc == 0 ]] || log "scenario $name exited $rc: $(tail -1 "$RESULTS/$name.err")"
-  python3 - "$RESULTS/$name.json" <<'PY' >&2 || true
+  log "scenario $name$RUN: orchctl bench $*"
+  local rc=0 file=$RESULTS/$name$RUN
+  orchctl -o json bench --queue "$QUEUE" "$@" >"$file.json" 2>"$file.err" || rc=$?
+  [[ $rc == 0 ]] || log "scenario $name$RUN exited $rc: $(tail -1 "$file.err")"
+  python3 - "$file.json" <<'PY' >&2 || true
 import json, sys
 r = json.load(open(sys.argv[1]))
 if r["mode"] == "cancel":
@@ -239,6 +246,14 @@ print(f"  completed {r['completed']}/{r['jobs']} exactly_once={r['exactly_once']
 PY
 }
 
+# $REPEAT runs of one scenario, into NAME-run1.json, NAME-run2.json, ...
+repeated() {
+  local r
+  for r in $(seq 1 "$REPEAT"); do
+    RUN=-run$r scenario "$@"
+  done
+}
+
 # Warm the queue and the connections once (the scenarios warm up again).
 orchctl bench --queue "$QUEUE" -n 50 --timeout 60s >/dev/null 2>"$RESULTS/first.err" ||
   die "the first jobs did not complete: $(tail -1 "$RESULTS/first.err")"
@@ -249,16 +264,16 @@ if wanted grpc-throughput; then
   (while sleep 0.25; do rss_line; done) >>"$RESULTS/rss-throughput.txt" &
   SAMPLER=$!
 fi
-scenario grpc-throughput -n "$N" --concurrency "$CONCURRENCY" --warmup "$WARMUP"
+repeated grpc-throughput -n "$N" --concurrency "$CONCURRENCY" --warmup "$WARMUP"
 if [[ -n $SAMPLER ]]; then
   kill "$SAMPLER" 2>/dev/null || true
   wait "$SAMPLER" 2>/dev/null || true
   SAMPLER=
 fi
 
-scenario rest-throughput -n "$N" --concurrency "$CONCURRENCY" --warmup "$WARMUP" --rest "$REST"
-scenario grpc-batch -n "$N" --batch "$BATCH" --concurrency "$BATCH_CONCURRENCY" --warmup "$WARMUP"
-scenario grpc-latency --latency "$LATENCY_N" --warmup 50
+repeated rest-throughput -n "$N" --concurrency "$CONCURRENCY" --warmup "$WARMUP" --rest "$REST"
+repeated grpc-batch -n "$N" --batch "$BATCH" --concurrency "$BATCH_CONCURRENCY" --warmup "$WARMUP"
+repeated grpc-latency --latency "$LATENCY_N" --warmup 50
 # Running `sleep` jobs (300 s) cancelled one at a time: CancelJob -> CANCELLED.
 scenario grpc-cancel --cancel "$CANCEL_N" --warmup 5
 
@@ -324,18 +339,18 @@ if [[ $RUN_CELERY == 1 ]]; then
   fi
   for pool in "threads 8" "prefork 2"; do
     read -r kind conc <<<"$pool"
-    log "Celery $kind c=$conc (-n $N, latency $LATENCY_N, 1 repeat)"
+    log "Celery $kind c=$conc (-n $N, latency $LATENCY_N, $REPEAT runs)"
     (cd "$REF/celery" && "$PY" run_bench.py --pool "$kind" --concurrency "$conc" -n "$N" \
-      --latency-n "$LATENCY_N" --repeat 1 --skip-drain \
+      --latency-n "$LATENCY_N" --repeat "$REPEAT" --skip-drain \
       --out "$RESULTS/celery-$kind-c$conc.json") 2>&1 | celery_filter | tee -a "$RESULTS/celery.log" >&2 ||
       log "Celery $kind run failed"
   done
 fi
 if [[ $RUN_RAW == 1 ]]; then
   export CARGO_TARGET_DIR=/tmp/amqp-rate-rs-target
-  log "raw RabbitMQ with lapin (1 repeat)"
+  log "raw RabbitMQ with lapin ($REPEAT runs)"
   if (cd "$REF/raw/amqp_rate_rs" && cargo build --release -q) >"$RESULTS/amqp-build.log" 2>&1; then
-    "$CARGO_TARGET_DIR/release/amqp_rate_rs" --url "$AMQP_URL" --repeat 1 \
+    "$CARGO_TARGET_DIR/release/amqp_rate_rs" --url "$AMQP_URL" --repeat "$REPEAT" \
       --out "$RESULTS/amqp-lapin.json" 2>&1 | tee -a "$RESULTS/amqp.log" >&2 ||
       log "raw AMQP run failed"
   else
