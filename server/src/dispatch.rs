@@ -227,15 +227,17 @@ impl Publisher {
             }
             return false;
         }
-        let acks = group.iter().map(|due| async move {
+        for due in &group {
             tracing::debug!(job_id = %due.id, queue = %due.queue, "dispatched");
-            if let Err(e) = self.store.ack_due(due.id, due.claim).await {
-                // The entry comes due again and the job is published twice;
-                // workers drop the duplicate.
+        }
+        let acks: Vec<(Uuid, i64)> = group.iter().map(|due| (due.id, due.claim)).collect();
+        if let Err(e) = self.store.ack_due(&acks).await {
+            // The entries come due again and the jobs are published twice;
+            // workers drop the duplicates.
+            for due in &group {
                 tracing::warn!(job_id = %due.id, error = %e, "could not clear the due entry");
             }
-        });
-        futures::future::join_all(acks).await;
+        }
         true
     }
 }

@@ -630,14 +630,17 @@ impl<'t> Tables<'t> {
         Ok((claimed, wrote))
     }
 
-    fn ack_due(&mut self, id: Uuid, claim: i64) -> Result<((), bool)> {
-        let raw = id.as_u128();
-        if self.due.score(raw)? != Some(claim) {
+    fn ack_due(&mut self, acks: &[(Uuid, i64)]) -> Result<((), bool)> {
+        let mut wrote = false;
+        for &(id, claim) in acks {
+            let raw = id.as_u128();
             // Re-scheduled since the claim (or already gone): not ours to drop.
-            return Ok(((), false));
+            if self.due.score(raw)? == Some(claim) {
+                self.due.remove(raw)?;
+                wrote = true;
+            }
         }
-        self.due.remove(raw)?;
-        Ok(((), true))
+        Ok(((), wrote))
     }
 
     fn purge(&mut self, now_ms: i64, limit: usize) -> Result<(usize, bool)> {
@@ -822,8 +825,12 @@ impl JobStore for EmbeddedStore {
             .await
     }
 
-    async fn ack_due(&self, id: Uuid, claim: i64) -> Result<()> {
-        self.write(move |t| t.ack_due(id, claim)).await
+    async fn ack_due(&self, acks: &[(Uuid, i64)]) -> Result<()> {
+        if acks.is_empty() {
+            return Ok(());
+        }
+        let acks = acks.to_vec();
+        self.write(move |t| t.ack_due(&acks)).await
     }
 
     async fn expired_leases(&self, now_ms: i64, limit: usize) -> Result<Vec<ExpiredLease>> {

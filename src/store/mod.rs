@@ -235,9 +235,10 @@ pub trait JobStore: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<DueJob>>;
 
-    /// Removes a job from the due-set once its message is confirmed, unless
-    /// it was re-scheduled since `claim`.
-    async fn ack_due(&self, id: Uuid, claim: i64) -> Result<()>;
+    /// Removes jobs from the due-set once their message is confirmed, each
+    /// `(id, claim)` unless the job was re-scheduled since that claim; in
+    /// one round trip, as one message carries many jobs.
+    async fn ack_due(&self, acks: &[(Uuid, i64)]) -> Result<()>;
 
     /// Running attempts whose lease expired by `now_ms`.
     async fn expired_leases(&self, now_ms: i64, limit: usize) -> Result<Vec<ExpiredLease>>;

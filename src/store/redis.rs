@@ -171,13 +171,17 @@ return out
 "#;
 
 const ACK_DUE_LUA: &str = r#"
--- KEYS: due. ARGV: id, claim
-local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if score and tonumber(score) == tonumber(ARGV[2]) then
-  redis.call('ZREM', KEYS[1], ARGV[1])
-  return 1
+-- KEYS: due. ARGV: id, claim, id, claim, ...
+-- Returns how many entries went.
+local acked = 0
+for i = 1, #ARGV, 2 do
+  local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if score and tonumber(score) == tonumber(ARGV[i + 1]) then
+    redis.call('ZREM', KEYS[1], ARGV[i])
+    acked = acked + 1
+  end
 end
-return 0
+return acked
 "#;
 
 const PURGE_LUA: &str = r#"
@@ -843,16 +847,16 @@ impl JobStore for RedisStore {
             .collect())
     }
 
-    async fn ack_due(&self, id: Uuid, claim: i64) -> Result<()> {
+    async fn ack_due(&self, acks: &[(Uuid, i64)]) -> Result<()> {
+        if acks.is_empty() {
+            return Ok(());
+        }
+        let mut invocation = self.scripts.ack_due.key(self.key(&["due"]));
+        for (id, claim) in acks {
+            invocation.arg(id.to_string()).arg(*claim);
+        }
         let mut conn = self.conn.clone();
-        let _: i64 = self
-            .scripts
-            .ack_due
-            .key(self.key(&["due"]))
-            .arg(id.to_string())
-            .arg(claim)
-            .invoke_async(&mut conn)
-            .await?;
+        let _: i64 = invocation.invoke_async(&mut conn).await?;
         Ok(())
     }
 
