@@ -191,48 +191,52 @@ fn duration(
     Ok(Some(d))
 }
 
-/// Checks that a payload has the same meaning in protobuf and in JSON:
-/// numbers are finite (JSON has no NaN or infinity) and nesting stays
+/// Checks that a JSON object carried as a protobuf `Struct` (a job's
+/// payload, a handler's result) has the same meaning in protobuf and in
+/// JSON: numbers are finite (JSON has no NaN or infinity) and nesting stays
 /// within [`MAX_PAYLOAD_DEPTH`]. A value without a kind (what pbjson makes
 /// of a JSON `null`) or with an unknown null becomes the proper
-/// `null_value`, so that every stored payload is well-formed protobuf for
-/// gRPC clients whose JSON printers refuse an empty `Value`.
-fn normalize_payload(payload: &mut Struct) -> Result<()> {
-    fn walk_struct(s: &mut Struct, depth: usize) -> Result<()> {
+/// `null_value`, so that every stored object is well-formed protobuf for
+/// gRPC clients whose JSON printers refuse an empty `Value`. Errors name
+/// `field`.
+pub fn json_object(field: &str, object: &mut Struct) -> Result<()> {
+    fn walk_struct(field: &str, s: &mut Struct, depth: usize) -> Result<()> {
         if depth > MAX_PAYLOAD_DEPTH {
-            return Err(too_deep());
+            return Err(too_deep(field));
         }
-        s.fields.values_mut().try_for_each(|v| walk(v, depth))
+        s.fields
+            .values_mut()
+            .try_for_each(|v| walk(field, v, depth))
     }
-    fn walk(value: &mut pbjson_types::Value, depth: usize) -> Result<()> {
+    fn walk(field: &str, value: &mut pbjson_types::Value, depth: usize) -> Result<()> {
         match &mut value.kind {
             None | Some(Kind::NullValue(_)) => value.kind = Some(Kind::NullValue(0)),
             Some(Kind::NumberValue(n)) if !n.is_finite() => {
                 return Err(Error::invalid(
-                    "payload",
+                    field,
                     format!("numbers must be finite (JSON has no NaN or infinity), got {n}"),
                 ));
             }
-            Some(Kind::StructValue(s)) => walk_struct(s, depth + 1)?,
+            Some(Kind::StructValue(s)) => walk_struct(field, s, depth + 1)?,
             Some(Kind::ListValue(list)) => {
                 if depth + 1 > MAX_PAYLOAD_DEPTH {
-                    return Err(too_deep());
+                    return Err(too_deep(field));
                 }
                 list.values
                     .iter_mut()
-                    .try_for_each(|v| walk(v, depth + 1))?;
+                    .try_for_each(|v| walk(field, v, depth + 1))?;
             }
             Some(Kind::NumberValue(_) | Kind::StringValue(_) | Kind::BoolValue(_)) => {}
         }
         Ok(())
     }
-    fn too_deep() -> Error {
+    fn too_deep(field: &str) -> Error {
         Error::invalid(
-            "payload",
+            field,
             format!("must not nest objects and lists more than {MAX_PAYLOAD_DEPTH} levels deep"),
         )
     }
-    walk_struct(payload, 1)
+    walk_struct(field, object, 1)
 }
 
 /// Validates a submit request and fills in the defaults.
@@ -262,7 +266,7 @@ pub fn submit(req: &SubmitJobRequest, limits: &Limits) -> Result<NewJob> {
     let retry = retry(req.retry.as_ref())?;
 
     let mut payload = req.payload.clone().unwrap_or_default();
-    normalize_payload(&mut payload)?;
+    json_object("payload", &mut payload)?;
     let size = payload.encoded_len();
     if size > limits.max_payload_bytes {
         return Err(Error::invalid(
@@ -679,6 +683,27 @@ mod tests {
             assert!(err.to_string().contains("finite"), "{err}");
             assert_eq!(field_of(err), "payload");
         }
+    }
+
+    #[test]
+    fn json_objects_are_checked_under_the_field_named() {
+        let mut result = pbjson_types::Struct::default();
+        result.fields.insert("n".into(), f64::NAN.into());
+        let err = json_object("completed", &mut result).unwrap_err();
+        assert!(err.to_string().contains("finite"), "{err}");
+        assert_eq!(field_of(err), "completed");
+        let mut deep = pbjson_types::Struct::default();
+        for _ in 0..MAX_PAYLOAD_DEPTH {
+            let mut outer = pbjson_types::Struct::default();
+            outer.fields.insert("a".into(), deep.into());
+            deep = outer;
+        }
+        let err = json_object("completed", &mut deep).unwrap_err();
+        assert!(err.to_string().contains("levels deep"), "{err}");
+        assert_eq!(field_of(err), "completed");
+        let mut fine = pbjson_types::Struct::default();
+        fine.fields.insert("n".into(), 1.5.into());
+        json_object("completed", &mut fine).unwrap();
     }
 
     #[test]

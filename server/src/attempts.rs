@@ -251,12 +251,17 @@ impl AttemptService {
         if req.lease_token.is_empty() {
             return Err(Error::invalid("lease_token", "must not be empty"));
         }
-        let Some(outcome) = req.outcome else {
+        let Some(mut outcome) = req.outcome else {
             return Err(Error::invalid(
                 "outcome",
                 "one of completed, failed or cancelled is required",
             ));
         };
+        // A result is held to the rules of a payload, so that it reads the
+        // same over gRPC and JSON.
+        if let Outcome::Completed(result) = &mut outcome {
+            validate::json_object("completed", result)?;
+        }
         // A completion, the common case, in one store round trip when the
         // worker says which attempt it ran; the lease token and attempt are
         // compared in the store. Anything else is decided on the job.

@@ -1043,6 +1043,24 @@ async fn one_round_trip_starts_and_completions_stay_fenced() {
         worker_id: "w-fast".into(),
         view,
     };
+    // A result JSON cannot carry is refused like such a payload, and the
+    // attempt stays RUNNING.
+    let mut nan = pbjson_types::Struct::default();
+    nan.fields.insert("ratio".into(), f64::NAN.into());
+    let refused = workers
+        .finish_attempt(FinishAttemptRequest {
+            outcome: Some(Outcome::Completed(nan)),
+            ..finish(JobView::Basic as i32)
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(refused.message().contains("completed"), "{refused:?}");
+    assert!(refused.message().contains("finite"), "{refused:?}");
+    assert_eq!(
+        jobs.get_job(get.clone()).await.unwrap().into_inner(),
+        before
+    );
     let unknown_view = workers.finish_attempt(finish(7)).await.unwrap_err();
     assert_eq!(unknown_view.code(), Code::InvalidArgument);
     assert!(unknown_view.message().contains("view"), "{unknown_view:?}");

@@ -216,8 +216,19 @@ pub(crate) fn decide(end: HandlerEnd, reason: Option<StopReason>, lost: bool) ->
     }
     // Work that completed is reported as completed, even if a stop came too
     // late to prevent it: that is what happened.
-    if let HandlerEnd::Returned(Ok(result)) = end {
-        return Some(Report::Completed(result));
+    if let HandlerEnd::Returned(Ok(mut result)) = end {
+        // orchd refuses a result JSON cannot carry (NaN, nesting too deep);
+        // the same handler would produce it again, so the attempt fails for
+        // good, with the reason, instead of being left to its lease.
+        return Some(
+            match orchestrator::validate::json_object("result", &mut result) {
+                Ok(()) => Report::Completed(result),
+                Err(e) => Report::Failed {
+                    message: format!("the handler's result cannot be stored: {e}"),
+                    permanent: true,
+                },
+            },
+        );
     }
     // Once the worker asked the handler to stop, whatever error it ended
     // with is a consequence of that (e.g. a killed process's exit code), so
@@ -458,6 +469,23 @@ mod tests {
             decide(panic, None, false),
             failed("handler panicked: oops", false)
         );
+    }
+
+    #[test]
+    fn a_result_json_cannot_carry_fails_the_attempt_for_good() {
+        let mut result = to_struct(json!({"x": 1})).unwrap();
+        result.fields.insert("ratio".into(), f64::INFINITY.into());
+        let Some(Report::Failed { message, permanent }) =
+            decide(HandlerEnd::Returned(Ok(result)), None, false)
+        else {
+            panic!("an unstorable result is a failure");
+        };
+        assert!(permanent);
+        assert!(
+            message.starts_with("the handler's result cannot be stored"),
+            "{message}"
+        );
+        assert!(message.contains("finite"), "{message}");
     }
 
     #[test]
