@@ -50,6 +50,22 @@ pub fn decode(bytes: &[u8]) -> Result<(DispatchMessage, Uuid), DecodeError> {
     Ok((message, id))
 }
 
+/// Whether a message whose AMQP `type` property is `kind` holds a
+/// `DispatchBatch` (otherwise it holds one `DispatchMessage`).
+pub fn is_batch(kind: Option<&str>) -> bool {
+    kind == Some(BATCH_TYPE)
+}
+
+/// Decodes a dispatch message's body, a batch when `batch` (see
+/// [`is_batch`]): the dispatches it holds, each checked.
+pub fn decode_dispatches(batch: bool, bytes: &[u8]) -> Result<Vec<DispatchMessage>, DecodeError> {
+    if batch {
+        decode_batch(bytes)
+    } else {
+        decode(bytes).map(|(dispatch, _)| vec![dispatch])
+    }
+}
+
 /// Encodes dispatches for one queue as a batch message body.
 pub fn encode_batch(dispatches: &[DispatchMessage]) -> Vec<u8> {
     DispatchBatch {
@@ -180,6 +196,13 @@ mod tests {
             .map(|_| dispatch(Uuid::new_v4().to_string()))
             .collect();
         assert_eq!(decode_batch(&encode_batch(&good)).unwrap(), good);
+        assert!(is_batch(Some(BATCH_TYPE)));
+        assert!(!is_batch(None) && !is_batch(Some("other")));
+        assert_eq!(decode_dispatches(true, &encode_batch(&good)).unwrap(), good);
+        assert_eq!(
+            decode_dispatches(false, &encode(&good[0])).unwrap(),
+            good[..1]
+        );
 
         let mut bad = good.clone();
         bad[1].job_id = "nope".into();

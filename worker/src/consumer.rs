@@ -246,17 +246,8 @@ impl Delivered {
     /// the queue when one could not be started yet (the ones that were are
     /// dropped as duplicates when it comes again).
     async fn handle(self, delivery: Delivery) {
-        let batch = delivery
-            .properties
-            .kind()
-            .as_ref()
-            .is_some_and(|kind| kind.as_str() == message::BATCH_TYPE);
-        let decoded = if batch {
-            message::decode_batch(&delivery.data)
-        } else {
-            message::decode(&delivery.data).map(|(dispatch, _)| vec![dispatch])
-        };
-        let dispatches = match decoded {
+        let batch = message::is_batch(delivery.properties.kind().as_ref().map(|k| k.as_str()));
+        let dispatches = match message::decode_dispatches(batch, &delivery.data) {
             Ok(dispatches) => dispatches,
             Err(e) => {
                 tracing::warn!(

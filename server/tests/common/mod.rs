@@ -127,16 +127,10 @@ pub async fn next_message(
                 .expect("basic.get");
             if let Some(delivery) = got {
                 let mode = delivery.properties.delivery_mode().unwrap_or(0);
-                let batch = delivery
-                    .properties
-                    .kind()
-                    .as_ref()
-                    .is_some_and(|k| k.as_str() == message::BATCH_TYPE);
-                let dispatches = if batch {
-                    message::decode_batch(&delivery.data).expect("a valid batch")
-                } else {
-                    vec![message::decode(&delivery.data).expect("a valid dispatch").0]
-                };
+                let batch =
+                    message::is_batch(delivery.properties.kind().as_ref().map(|k| k.as_str()));
+                let dispatches = message::decode_dispatches(batch, &delivery.data)
+                    .expect("a valid dispatch message");
                 let _ = conn.close(0, "done".into()).await;
                 return Some((dispatches, mode, batch));
             }
