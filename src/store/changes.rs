@@ -126,7 +126,7 @@ impl ChangeHub {
         self.lock().entries.contains_key(&id)
     }
 
-    /// How many jobs are watched.
+    /// How many jobs are watched (for tests and metrics).
     pub fn watched(&self) -> usize {
         self.lock().entries.len()
     }
