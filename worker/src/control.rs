@@ -1,8 +1,11 @@
 //! Control messages orchd pushes to this worker (worker.proto,
 //! "Cancellation"): the consumer of this process's own RabbitMQ control
 //! queue `orch.control.<worker id>`, and its in-process equivalent for
-//! `orchd dev`. A CANCEL for an attempt that runs here stops it at once,
-//! the same way as a cancel seen by a heartbeat; anything else is ignored.
+//! `orchd dev`. A CANCEL for an attempt that runs here has its lease
+//! checked with orchd at once (a Heartbeat for it alone), and orchd's
+//! answer stops it; anything else is ignored. The check is what keeps
+//! job state orchd's alone: whoever may publish to the broker can put a
+//! message on this queue, but only a cancel orchd recorded stops a job.
 //!
 //! Pushes are best effort, so this consumer is never allowed to stop the
 //! worker: when it fails (the broker restarts, an operator deletes the
@@ -36,8 +39,8 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 pub(crate) fn apply(leases: &Leases, msg: &ControlMessage) {
     match Action::try_from(msg.action) {
         Ok(Action::Cancel) => match leases.cancel_pushed(&msg.job_id, msg.attempt) {
-            Pushed::Stopped => {
-                tracing::info!(job_id = %msg.job_id, attempt = msg.attempt, "cancel pushed by orchd; stopping the handler")
+            Pushed::Checking => {
+                tracing::debug!(job_id = %msg.job_id, attempt = msg.attempt, "cancel pushed; checking it with orchd")
             }
             Pushed::AlreadyStopping => {
                 tracing::debug!(job_id = %msg.job_id, attempt = msg.attempt, "cancel pushed for an attempt already stopping")

@@ -8,7 +8,11 @@
 //! `cancel_requested` stops it as cancelled by the user.
 //!
 //! Cancellations arrive two ways. orchd pushes them (see `crate::control`):
-//! [`Leases::cancel_pushed`] stops the attempt a push names, at once. The
+//! [`Leases::cancel_pushed`] asks the heartbeat loop to check the attempt a
+//! push names at once, with a Heartbeat for that lease alone, and the answer
+//! stops it. A push is a hint, not an order: anyone who may publish to the
+//! broker can send one, so only orchd's `cancel_requested` stops an attempt,
+//! and a forged or stale push costs one Heartbeat call. The
 //! heartbeat poll is the fallback for a push that got lost: the protocol has
 //! no way to ask about cancellations without renewing leases, so while
 //! attempts run, the loop sends its batched Heartbeat every
@@ -20,7 +24,7 @@
 //! A push can overtake the registration of the attempt it is about (orchd
 //! records the attempt as RUNNING before this worker has registered it), so
 //! a push for an attempt not registered here is remembered for a while and
-//! applied if that attempt registers.
+//! checked if that attempt registers.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -103,6 +107,9 @@ struct Table {
     running: HashMap<String, Entry>,
     /// Pushed cancels for attempts not registered: job id → (attempt, when).
     early: HashMap<String, (u32, Instant)>,
+    /// Attempts a push named, to be checked with orchd now: job id → lease
+    /// token.
+    checks: HashMap<String, String>,
 }
 
 /// The leases this worker holds, by job id.
@@ -110,6 +117,8 @@ struct Table {
 pub(crate) struct Leases {
     table: Mutex<Table>,
     added: Notify,
+    /// Woken when a check is queued.
+    check_now: Notify,
 }
 
 /// One registered attempt, as the heartbeat loop sees it.
@@ -123,8 +132,8 @@ pub(crate) struct Held {
 /// What a pushed cancel did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Pushed {
-    /// The attempt runs here: its handler was asked to stop.
-    Stopped,
+    /// The attempt runs here: it is checked with orchd now.
+    Checking,
     /// The attempt runs here and was already stopping (for any reason).
     AlreadyStopping,
     /// Another attempt of the job runs here: ignored.
@@ -145,7 +154,7 @@ impl Leases {
     /// Registers attempt `attempt` of a job. An earlier attempt of the same
     /// job still registered here has lost its lease for sure (orchd just
     /// gave the job a new one), so it is marked lost. A cancel pushed for
-    /// this attempt before it registered stops it at once.
+    /// this attempt before it registered has it checked at once.
     pub fn insert(
         &self,
         job_id: &str,
@@ -159,8 +168,11 @@ impl Leases {
             .remove(job_id)
             .is_some_and(|(pushed, at)| pushed == attempt && at.elapsed() < EARLY_PUSH_TTL);
         if early {
-            tracing::info!(job_id = %job_id, attempt, "cancel pushed before the attempt started here; stopping it");
-            control.stop(StopReason::CancelRequested);
+            tracing::info!(job_id = %job_id, attempt, "cancel pushed before the attempt started here; checking it with orchd");
+            table
+                .checks
+                .insert(job_id.to_owned(), lease_token.to_owned());
+            self.check_now.notify_one();
         }
         let replaced = table.running.insert(
             job_id.to_owned(),
@@ -190,9 +202,9 @@ impl Leases {
         }
     }
 
-    /// Applies a cancel orchd pushed for attempt `attempt` of a job: stops
-    /// that attempt as cancelled by the user, the same way as a heartbeat
-    /// answer with `cancel_requested`.
+    /// Takes a cancel pushed for attempt `attempt` of a job: when that
+    /// attempt runs here, queues a check of its lease with orchd, whose
+    /// answer stops it if the cancel is real (see [`apply`]).
     pub fn cancel_pushed(&self, job_id: &str, attempt: u32) -> Pushed {
         let mut table = self.lock();
         let Some(entry) = table.running.get(job_id) else {
@@ -210,13 +222,31 @@ impl Leases {
                 running: entry.attempt,
             };
         }
-        let control = entry.control.clone();
-        drop(table);
-        if control.reason().is_some() || control.is_lost() {
+        if entry.control.reason().is_some() || entry.control.is_lost() {
             return Pushed::AlreadyStopping;
         }
-        control.stop(StopReason::CancelRequested);
-        Pushed::Stopped
+        let lease_token = entry.lease_token.clone();
+        table.checks.insert(job_id.to_owned(), lease_token);
+        drop(table);
+        self.check_now.notify_one();
+        Pushed::Checking
+    }
+
+    /// The queued checks whose attempts still run here, emptying the queue.
+    fn take_checks(&self) -> Vec<Held> {
+        let mut table = self.lock();
+        let checks = std::mem::take(&mut table.checks);
+        checks
+            .into_iter()
+            .filter_map(|(job_id, lease_token)| {
+                let entry = table.running.get(&job_id)?;
+                (entry.lease_token == lease_token).then(|| Held {
+                    control: entry.control.clone(),
+                    job_id,
+                    lease_token,
+                })
+            })
+            .collect()
     }
 
     /// Every registered attempt.
@@ -279,7 +309,8 @@ impl HeartbeatSettings {
     }
 }
 
-/// Renews the leases of all running attempts until `stop`.
+/// Renews the leases of all running attempts until `stop`, and checks the
+/// attempts pushes named as soon as they are queued.
 pub(crate) async fn run_heartbeats(
     mut client: Client,
     leases: Arc<Leases>,
@@ -295,51 +326,35 @@ pub(crate) async fn run_heartbeats(
             }
         }
         // A new lease is fresh: the first renewal is due a tick later.
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(settings.tick) => {}
+        let tick = tokio::time::sleep(settings.tick);
+        tokio::pin!(tick);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = &mut tick => break,
+                _ = leases.check_now.notified() => {
+                    let checked = leases.take_checks();
+                    if checked.is_empty() {
+                        continue;
+                    }
+                    if let Err(status) = renew(&mut client, &settings, &checked).await {
+                        for held in &checked {
+                            tracing::warn!(job_id = %held.job_id, code = ?status.code(), error = %status.message(), "checking a pushed cancel failed; the heartbeat poll will see it");
+                        }
+                    }
+                }
+            }
         }
         let sent = leases.snapshot();
         if sent.is_empty() {
             continue;
         }
-        match heartbeat(&mut client, &settings, &sent).await {
-            Ok(statuses) => {
+        match renew(&mut client, &settings, &sent).await {
+            Ok(()) => {
                 if failures > 0 {
                     tracing::info!(failures, "heartbeats work again");
                 }
                 failures = 0;
-                apply(&sent, &statuses);
-            }
-            Err(status) if status.code() == Code::FailedPrecondition => {
-                // The protocol's "stale lease" answer. For a batch it does not
-                // say which lease, so ask for each one alone.
-                if sent.len() == 1 {
-                    apply(
-                        &sent,
-                        &[LeaseStatus {
-                            job_id: sent[0].job_id.clone(),
-                            ..LeaseStatus::default()
-                        }],
-                    );
-                    continue;
-                }
-                for held in &sent {
-                    let one = std::slice::from_ref(held);
-                    match heartbeat(&mut client, &settings, one).await {
-                        Ok(statuses) => apply(one, &statuses),
-                        Err(s) if s.code() == Code::FailedPrecondition => apply(
-                            one,
-                            &[LeaseStatus {
-                                job_id: held.job_id.clone(),
-                                ..LeaseStatus::default()
-                            }],
-                        ),
-                        Err(s) => {
-                            tracing::warn!(job_id = %held.job_id, code = ?s.code(), error = %s.message(), "heartbeat failed")
-                        }
-                    }
-                }
             }
             Err(status) => {
                 failures += 1;
@@ -357,6 +372,42 @@ pub(crate) async fn run_heartbeats(
             }
         }
     }
+}
+
+/// One Heartbeat for the leases `sent`, its answer applied to them. The
+/// protocol's "stale lease" answer (FAILED_PRECONDITION) does not say which
+/// lease of a batch it is about, so each is then asked alone. Errs only
+/// when orchd could not answer at all.
+async fn renew(
+    client: &mut Client,
+    settings: &HeartbeatSettings,
+    sent: &[Held],
+) -> Result<(), tonic::Status> {
+    let lost = |held: &Held| LeaseStatus {
+        job_id: held.job_id.clone(),
+        ..LeaseStatus::default()
+    };
+    match heartbeat(client, settings, sent).await {
+        Ok(statuses) => apply(sent, &statuses),
+        Err(status) if status.code() == Code::FailedPrecondition => {
+            if let [held] = sent {
+                apply(sent, &[lost(held)]);
+                return Ok(());
+            }
+            for held in sent {
+                let one = std::slice::from_ref(held);
+                match heartbeat(client, settings, one).await {
+                    Ok(statuses) => apply(one, &statuses),
+                    Err(s) if s.code() == Code::FailedPrecondition => apply(one, &[lost(held)]),
+                    Err(s) => {
+                        tracing::warn!(job_id = %held.job_id, code = ?s.code(), error = %s.message(), "heartbeat failed")
+                    }
+                }
+            }
+        }
+        Err(status) => return Err(status),
+    }
+    Ok(())
 }
 
 async fn heartbeat(
@@ -461,44 +512,91 @@ mod tests {
         assert_eq!(leases.len(), 0);
     }
 
+    fn checked(leases: &Leases) -> Vec<(String, String)> {
+        let mut checks: Vec<_> = leases
+            .take_checks()
+            .into_iter()
+            .map(|h| (h.job_id, h.lease_token))
+            .collect();
+        checks.sort();
+        checks
+    }
+
     #[test]
-    fn a_push_stops_only_the_attempt_it_names() {
+    fn a_push_only_has_the_attempt_it_names_checked_and_orchd_decides() {
         let leases = Leases::default();
         let control = Arc::new(AttemptControl::default());
         leases.insert("j", 2, "t2", control.clone());
         assert_eq!(leases.cancel_pushed("j", 1), Pushed::Stale { running: 2 });
         assert!(
-            !control.token.is_cancelled(),
+            checked(&leases).is_empty(),
             "an older attempt's push is ignored"
         );
-        assert_eq!(leases.cancel_pushed("j", 2), Pushed::Stopped);
-        assert!(control.token.is_cancelled());
+
+        assert_eq!(leases.cancel_pushed("j", 2), Pushed::Checking);
+        assert!(!control.token.is_cancelled(), "a push alone stops nothing");
+        let sent = leases.take_checks();
+        assert_eq!(sent.len(), 1);
+        assert_eq!(
+            (sent[0].job_id.as_str(), sent[0].lease_token.as_str()),
+            ("j", "t2")
+        );
+        assert!(
+            checked(&leases).is_empty(),
+            "taking the checks empties the queue"
+        );
+
+        // orchd says nobody cancelled the job (a forged push): it runs on.
+        apply(&sent, &[status("j", true, false)]);
+        assert!(!control.token.is_cancelled());
+        // The next push is checked again; this time orchd has the cancel.
+        assert_eq!(leases.cancel_pushed("j", 2), Pushed::Checking);
+        apply(&leases.take_checks(), &[status("j", true, true)]);
         assert_eq!(control.reason(), Some(StopReason::CancelRequested));
         assert!(!control.is_lost());
         assert_eq!(leases.cancel_pushed("j", 2), Pushed::AlreadyStopping);
+        assert!(checked(&leases).is_empty());
     }
 
     #[test]
-    fn a_push_that_overtakes_its_attempt_applies_when_it_registers() {
+    fn a_check_for_an_attempt_that_ended_meanwhile_is_dropped() {
+        let leases = Leases::default();
+        leases.insert("j", 1, "t1", Arc::new(AttemptControl::default()));
+        leases.insert("k", 1, "tk", Arc::new(AttemptControl::default()));
+        assert_eq!(leases.cancel_pushed("j", 1), Pushed::Checking);
+        assert_eq!(leases.cancel_pushed("k", 1), Pushed::Checking);
+        leases.remove("j", "t1");
+        // Job k's attempt ended and its next one registered here.
+        leases.remove("k", "tk");
+        leases.insert("k", 2, "tk2", Arc::new(AttemptControl::default()));
+        assert!(checked(&leases).is_empty());
+    }
+
+    #[test]
+    fn a_push_that_overtakes_its_attempt_is_checked_when_it_registers() {
         let leases = Leases::default();
         assert_eq!(leases.cancel_pushed("j", 1), Pushed::NotRunning);
+        assert!(checked(&leases).is_empty());
         let other = Arc::new(AttemptControl::default());
         leases.insert("k", 1, "tk", other.clone());
-        assert!(!other.token.is_cancelled(), "another job is not touched");
+        assert!(checked(&leases).is_empty(), "another job is not checked");
         let control = Arc::new(AttemptControl::default());
         leases.insert("j", 1, "t1", control.clone());
-        assert_eq!(control.reason(), Some(StopReason::CancelRequested));
-        // Used up: the next attempt of the job is not cancelled by it.
+        assert!(
+            !control.token.is_cancelled(),
+            "not stopped before orchd says so"
+        );
+        assert_eq!(checked(&leases), [("j".to_owned(), "t1".to_owned())]);
+        // Used up: the next attempt of the job is not checked for it.
         leases.remove("j", "t1");
-        let next = Arc::new(AttemptControl::default());
-        leases.insert("j", 2, "t2", next.clone());
-        assert!(!next.token.is_cancelled());
-        // A push for an attempt that already ended never stops a later one.
+        leases.insert("j", 2, "t2", Arc::new(AttemptControl::default()));
+        assert!(checked(&leases).is_empty());
+        // A push for an attempt that already ended never has a later one
+        // checked.
         leases.remove("j", "t2");
         assert_eq!(leases.cancel_pushed("j", 2), Pushed::NotRunning);
-        let third = Arc::new(AttemptControl::default());
-        leases.insert("j", 3, "t3", third.clone());
-        assert!(!third.token.is_cancelled());
+        leases.insert("j", 3, "t3", Arc::new(AttemptControl::default()));
+        assert!(checked(&leases).is_empty());
     }
 
     #[test]

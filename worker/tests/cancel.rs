@@ -1,8 +1,8 @@
 //! Pushed cancellation end to end: orchd pushes a cancel to the worker that
 //! runs the job (RabbitMQ control queue under `orchd serve`, the in-process
 //! queue under `orchd dev`), the heartbeat poll is the fallback when the
-//! push is lost, and a push for an attempt the worker does not run is
-//! ignored. Real orchd, Redis, RabbitMQ and workers; no timing assertions,
+//! push is lost, and a push that orchd did not send or that names an
+//! attempt the worker does not run stops nothing. Real orchd, Redis, RabbitMQ and workers; no timing assertions,
 //! generous timeouts only to detect hangs.
 //!
 //! "Push alone" tests give the worker a heartbeat far longer than their
@@ -150,17 +150,23 @@ async fn push(channel: &lapin::Channel, worker_id: &str, job_id: &str, attempt: 
         .expect("sent");
 }
 
-/// A control message for attempt 1 of a job whose attempt 2 runs on the
-/// worker is ignored; one for the attempt that runs stops it. Both are
-/// published by hand on the worker's control routing key, the stale one
-/// first: messages of one queue arrive in order, so once the second job is
-/// CANCELLED, the worker has handled the stale message too.
+/// Injects, by hand on the worker's control routing key, as anyone allowed
+/// to publish to the broker could: a cancel for attempt 1 of a job whose
+/// attempt 2 runs on the worker (stale), and a cancel for the running
+/// attempt of a job nobody cancelled (forged). Then a real CancelJob of a
+/// third job, whose push comes after them on the same queue: messages of
+/// one queue arrive in order, so once that job is CANCELLED the worker has
+/// handled the other two, and checked the forged one with orchd. Asserts:
+/// the real cancel stops its job; the stale and the forged pushes stop
+/// nothing (both jobs still RUNNING on the same attempt half a second
+/// later); and orchd's own push still cancels the retried job.
 #[tokio::test]
-async fn a_push_for_an_attempt_the_worker_does_not_run_is_ignored() {
+async fn only_a_cancel_orchd_recorded_stops_a_job_not_a_stale_or_forged_push() {
     let orchd = Orchd::start().await;
     let queue = fresh_queue();
     let mut config = worker_config(&orchd, &queue);
     without_polling(&mut config);
+    config.concurrency = 3;
     let worker = Worker::with_registry(config.clone(), registry(&config));
     let mut jobs = orchd.jobs().await;
 
@@ -172,27 +178,51 @@ async fn a_push_for_an_attempt_the_worker_does_not_run_is_ignored() {
         state(j) == State::Running && j.attempt == 2
     })
     .await;
-    let witness = submit(&mut jobs, spec("sleep", &queue, json!({"seconds": 3600}))).await;
-    let witness = wait_state(&mut jobs, &witness.id, State::Running, T).await;
-    assert_eq!(
-        witness.worker_id, retried.worker_id,
-        "both run on the one worker"
-    );
+    let mut running = Vec::new();
+    for _ in 0..2 {
+        let job = submit(&mut jobs, spec("sleep", &queue, json!({"seconds": 3600}))).await;
+        running.push(wait_state(&mut jobs, &job.id, State::Running, T).await);
+    }
+    let [bystander, witness] = &running[..] else {
+        unreachable!()
+    };
+    for job in [bystander, witness] {
+        assert_eq!(
+            job.worker_id, retried.worker_id,
+            "all run on the one worker"
+        );
+    }
 
     let connection = amqp::connect(&orchd.amqp_url, "test-control")
         .await
         .unwrap();
     let channel = connection.create_channel().await.unwrap();
     push(&channel, &retried.worker_id, &retried.id, 1).await;
-    push(&channel, &witness.worker_id, &witness.id, witness.attempt).await;
+    push(
+        &channel,
+        &bystander.worker_id,
+        &bystander.id,
+        bystander.attempt,
+    )
+    .await;
+    cancel(&mut jobs, &witness.id).await;
 
     let witness = wait_terminal(&mut jobs, &witness.id, T).await;
     assert_eq!(state(&witness), State::Cancelled, "{}", witness.error);
-    // Give a wrongly stopped attempt time to report, then check it runs on.
+    // Give a wrongly stopped attempt time to report, then check both run on.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let still = get(&mut jobs, &retried.id).await;
     assert_eq!(state(&still), State::Running, "{}", still.error);
     assert_eq!(still.attempt, 2);
+    let still = get(&mut jobs, &bystander.id).await;
+    assert_eq!(
+        state(&still),
+        State::Running,
+        "a forged push stopped the job: {}",
+        still.error
+    );
+    assert_eq!(still.attempt, bystander.attempt);
+    assert!(!still.cancel_requested);
 
     // The attempt that runs is cancelled by orchd's own push.
     cancel(&mut jobs, &retried.id).await;
