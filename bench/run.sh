@@ -25,8 +25,9 @@
 #   CANCEL_N=100         running `sleep` jobs cancelled one at a time (cancellation latency)
 #   SCALE_SIZES="1000 10000 100000"  jobs stored before each "scale" measurement
 #   SCALE_N=3000 SCALE_LATENCY_N=100 jobs of the scale throughput / latency runs
-#   SCENARIOS="grpc-throughput rest-throughput grpc-batch grpc-latency grpc-cancel scale"
-#                        which orchctl bench scenarios to run
+#   SCENARIOS="grpc-throughput rest-throughput grpc-batch grpc-latency grpc-cancel latency-floor scale"
+#                        which scenarios to run (latency-floor: each hop under one job
+#                        timed alone by examples/latency_floor.rs, FLOOR_N=1000 samples each)
 #   CONCURRENCY=64       submit calls in flight (orchctl bench --concurrency)
 #   BATCH=100            jobs per SubmitJobs call in the batch scenario
 #   BATCH_CONCURRENCY=8  SubmitJobs calls in flight
@@ -58,7 +59,8 @@ TS=$(date +%Y%m%d-%H%M%S)
 N=${N:-10000}
 LATENCY_N=${LATENCY_N:-500}
 CANCEL_N=${CANCEL_N:-100}
-SCENARIOS=${SCENARIOS:-grpc-throughput rest-throughput grpc-batch grpc-latency grpc-cancel scale}
+SCENARIOS=${SCENARIOS:-grpc-throughput rest-throughput grpc-batch grpc-latency grpc-cancel latency-floor scale}
+FLOOR_N=${FLOOR_N:-1000}
 CONCURRENCY=${CONCURRENCY:-64}
 SCALE_SIZES=${SCALE_SIZES:-1000 10000 100000}
 SCALE_N=${SCALE_N:-3000}
@@ -162,7 +164,8 @@ fi
 
 # --- build ----------------------------------------------------------------------
 log "building release binaries (several minutes on 2 cores)"
-(cd "$ROOT" && cargo build --release -p orchestrator-server -p orchestrator-worker -p orchestrator-cli) \
+(cd "$ROOT" && cargo build --release -p orchestrator-server -p orchestrator-worker -p orchestrator-cli &&
+  cargo build --release -p orchestrator --example latency_floor) \
   >"$RESULTS/build.log" 2>&1 || {
   tail -30 "$RESULTS/build.log" >&2
   die "release build failed; see $RESULTS/build.log"
@@ -276,6 +279,13 @@ repeated grpc-batch -n "$N" --batch "$BATCH" --concurrency "$BATCH_CONCURRENCY" 
 repeated grpc-latency --latency "$LATENCY_N" --warmup 50
 # Running `sleep` jobs (300 s) cancelled one at a time: CancelJob -> CANCELLED.
 scenario grpc-cancel --cancel "$CANCEL_N" --warmup 5
+# The hops under one job, each timed alone on the same servers and orchd.
+if wanted latency-floor; then
+  log "latency floor: RabbitMQ publish -> delivery, gRPC and Redis round trips ($FLOOR_N each)"
+  AMQP_URL=$AMQP_URL REDIS_URL=$REDIS_URL ORCH_SERVER=$GRPC N=$FLOOR_N "$BIN/examples/latency_floor" \
+    >"$RESULTS/latency-floor.json" 2>"$RESULTS/latency-floor.err" ||
+    log "latency floor failed: $(tail -1 "$RESULTS/latency-floor.err")"
+fi
 
 # --- How cost grows with what is stored -----------------------------------------
 # Grow the store to each of $SCALE_SIZES jobs (SubmitJobs batches of 1000 on
