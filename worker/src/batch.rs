@@ -12,10 +12,12 @@
 //!
 //! Each request keeps its own answer or error: callers see exactly what the
 //! single call would have returned. An orchd without the batch calls
-//! (UNIMPLEMENTED) is remembered, and single calls are used from then on.
+//! (UNIMPLEMENTED) is remembered, and single calls are used for
+//! [`UNBATCHED_FOR`]; then a batch call is tried again, so that workers
+//! upgraded before orchd batch again once it is upgraded too.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use futures::future::BoxFuture;
 use orchestrator::proto::v1::{
@@ -24,6 +26,7 @@ use orchestrator::proto::v1::{
 };
 use prost::Message;
 use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::time::Instant;
 use tonic::{Code, Status};
 
 use crate::rpc::{self, Client};
@@ -35,6 +38,34 @@ pub(crate) const MAX_ITEMS: usize = 64;
 pub(crate) const MAX_BYTES: usize = 1 << 20;
 /// Batches of one kind under way at once.
 pub(crate) const IN_FLIGHT: usize = 4;
+/// How long single calls are made after orchd answered a batch call with
+/// UNIMPLEMENTED, before batches are tried again.
+pub(crate) const UNBATCHED_FOR: Duration = Duration::from_secs(300);
+
+/// When orchd last said it has no batch calls.
+#[derive(Default)]
+struct Unbatched(Mutex<Option<Instant>>);
+
+impl Unbatched {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether to make single calls now.
+    fn active(&self) -> bool {
+        self.lock()
+            .is_some_and(|since| since.elapsed() < UNBATCHED_FOR)
+    }
+
+    fn start(&self) {
+        *self.lock() = Some(Instant::now());
+    }
+
+    /// Forgets an earlier UNIMPLEMENTED; true if there was one.
+    fn end(&self) -> bool {
+        self.lock().take().is_some()
+    }
+}
 
 /// A batch call's answer: one outcome per request, in order, or the
 /// failure of the whole call.
@@ -96,7 +127,7 @@ impl<C: Call> Batcher<C> {
 
 async fn run<C: Call>(client: C::Client, mut waiting: mpsc::UnboundedReceiver<Waiting<C>>) {
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
-    let unbatched = Arc::new(AtomicBool::new(false));
+    let unbatched = Arc::new(Unbatched::default());
     let mut carried: Option<Waiting<C>> = None;
     loop {
         let first = match carried.take() {
@@ -131,11 +162,14 @@ async fn run<C: Call>(client: C::Client, mut waiting: mpsc::UnboundedReceiver<Wa
     }
 }
 
-async fn send<C: Call>(client: C::Client, batch: Vec<Waiting<C>>, unbatched: &AtomicBool) {
-    if batch.len() > 1 && !unbatched.load(Ordering::Relaxed) {
+async fn send<C: Call>(client: C::Client, batch: Vec<Waiting<C>>, unbatched: &Unbatched) {
+    if batch.len() > 1 && !unbatched.active() {
         let requests: Vec<C::Request> = batch.iter().map(|(r, _)| r.clone()).collect();
         match C::many(client.clone(), requests).await {
             Ok(outcomes) if outcomes.len() == batch.len() => {
+                if unbatched.end() {
+                    tracing::info!("orchd has batch calls now; batching again");
+                }
                 for ((_, answer), outcome) in batch.into_iter().zip(outcomes) {
                     let _ = answer.send(outcome);
                 }
@@ -153,8 +187,8 @@ async fn send<C: Call>(client: C::Client, batch: Vec<Waiting<C>>, unbatched: &At
                 return;
             }
             Err(status) if status.code() == Code::Unimplemented => {
-                tracing::info!("orchd has no batch calls; making single calls");
-                unbatched.store(true, Ordering::Relaxed);
+                tracing::info!(retry_in = ?UNBATCHED_FOR, "orchd has no batch calls; making single calls for a while");
+                unbatched.start();
             }
             Err(status) => {
                 // What concerns the whole call (orchd unreachable, a bad
@@ -268,7 +302,7 @@ mod tests {
     //! seam, not gRPC): requests are `StartAttemptRequest`s whose `job_id`
     //! says how the stand-in answers.
 
-    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, Ordering};
 
     use tokio::sync::Notify;
 
@@ -352,8 +386,18 @@ mod tests {
         orchd: Arc<Orchd>,
         ids: Vec<String>,
     ) -> Vec<Result<String, Status>> {
-        orchd.hold.store(true, Ordering::SeqCst);
         let batcher = Batcher::<Fake>::spawn(orchd.clone());
+        queued_on(&batcher, orchd, ids).await
+    }
+
+    /// [`queued_behind_full_slots`] on a given batcher.
+    async fn queued_on(
+        batcher: &Batcher<Fake>,
+        orchd: Arc<Orchd>,
+        ids: Vec<String>,
+    ) -> Vec<Result<String, Status>> {
+        orchd.hold.store(true, Ordering::SeqCst);
+        let before = orchd.calls().len();
         let mut blockers = Vec::new();
         for n in 0..IN_FLIGHT {
             let b = batcher.clone();
@@ -361,7 +405,7 @@ mod tests {
                 b.call(request(&format!("blocker{n}"))).await
             }));
             // One at a time, so each leaves alone and takes a slot.
-            while orchd.calls().len() <= n {
+            while orchd.calls().len() <= before + n {
                 tokio::task::yield_now().await;
             }
         }
@@ -424,30 +468,75 @@ mod tests {
         assert_eq!(outcomes[2].as_ref().unwrap(), "ran ok3");
     }
 
-    #[tokio::test]
-    async fn an_orchd_without_batch_calls_gets_single_calls_from_then_on() {
+    /// The calls made for `ids` (not the blockers): (batch?, ids) each.
+    fn calls_for(orchd: &Orchd, ids: &[&str]) -> Vec<(bool, Vec<String>)> {
+        orchd
+            .calls()
+            .into_iter()
+            .filter(|(_, called)| ids.contains(&called[0].as_str()))
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_orchd_without_batch_calls_gets_single_calls_for_a_while() {
         let orchd = Arc::new(Orchd {
             no_batches: true,
             ..Orchd::default()
         });
-        let ids = vec!["a".to_owned(), "b".to_owned()];
-        let outcomes = queued_behind_full_slots(orchd.clone(), ids).await;
+        let batcher = Batcher::<Fake>::spawn(orchd.clone());
+        let outcomes = queued_on(&batcher, orchd.clone(), vec!["a".into(), "b".into()]).await;
         assert!(outcomes.iter().all(Result::is_ok), "{outcomes:?}");
-        let calls = orchd.calls();
+        let s = |id: &str| (false, vec![id.to_owned()]);
+        let pair = vec!["a".to_owned(), "b".to_owned()];
         assert_eq!(
-            calls.iter().filter(|(batch, _)| *batch).count(),
-            1,
-            "tried once: {calls:?}"
+            calls_for(&orchd, &["a", "b"]),
+            vec![(true, pair), s("a"), s("b")],
+            "tried once as a batch, then one by one"
         );
-        let singles: Vec<_> = calls
-            .iter()
-            .filter(|(batch, ids)| !batch && !ids[0].starts_with("blocker"))
-            .collect();
-        assert_eq!(singles.len(), 2, "then one by one: {calls:?}");
 
         // Remembered: the next queued pair goes one by one without asking.
-        let again = queued_behind_full_slots(orchd.clone(), vec!["c".into(), "d".into()]).await;
+        tokio::time::advance(UNBATCHED_FOR - Duration::from_secs(1)).await;
+        let again = queued_on(&batcher, orchd.clone(), vec!["c".into(), "d".into()]).await;
         assert!(again.iter().all(Result::is_ok));
+        assert_eq!(calls_for(&orchd, &["c", "d"]), vec![s("c"), s("d")]);
+
+        // Later, orchd may have been upgraded: a batch is tried again.
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let later = queued_on(&batcher, orchd.clone(), vec!["e".into(), "f".into()]).await;
+        assert!(later.iter().all(Result::is_ok));
+        let pair = vec!["e".to_owned(), "f".to_owned()];
+        assert_eq!(
+            calls_for(&orchd, &["e", "f"]),
+            vec![(true, pair), s("e"), s("f")]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn batching_resumes_once_orchd_has_the_batch_calls() {
+        let unbatched = Unbatched::default();
+        unbatched.start();
+        let orchd = Arc::new(Orchd::default());
+        let batch = |ids: &[&str]| {
+            ids.iter()
+                .map(|id| (request(id), oneshot::channel().0))
+                .collect::<Vec<_>>()
+        };
+        send::<Fake>(orchd.clone(), batch(&["a", "b"]), &unbatched).await;
+        assert_eq!(
+            calls_for(&orchd, &["a", "b"]).len(),
+            2,
+            "single calls at first"
+        );
+        tokio::time::advance(UNBATCHED_FOR).await;
+        send::<Fake>(orchd.clone(), batch(&["c", "d"]), &unbatched).await;
+        assert_eq!(
+            calls_for(&orchd, &["c", "d"]),
+            vec![(true, vec!["c".to_owned(), "d".to_owned()])]
+        );
+        assert!(
+            !unbatched.active() && !unbatched.end(),
+            "forgotten once a batch worked"
+        );
     }
 
     #[tokio::test]
