@@ -153,102 +153,140 @@ impl AmqpQueue {
         *self.live.lock().await = None;
     }
 
-    /// Publishes `body` (one dispatch, or a batch when `kind` says so) to
-    /// the queue of `routed`, persistent and mandatory, and waits for the
-    /// broker's confirm.
-    async fn publish_body(
-        &self,
-        routed: &DispatchMessage,
-        body: Vec<u8>,
-        kind: Option<&str>,
-    ) -> Result<()> {
-        let key = topology::routing_key_of(routed);
+    /// Publishes `dispatches` (all for one queue) as one message, declaring
+    /// the queue first if this connection has not, and maps a missing
+    /// confirm to an error, reconnecting next time when the channel is in
+    /// doubt.
+    async fn publish_to_queue(&self, dispatches: &[DispatchMessage]) -> Result<()> {
+        let Some(first) = dispatches.first() else {
+            return Ok(());
+        };
+        let key = topology::routing_key_of(first);
         let (namespace, queue) = key.split_once('.').unwrap_or(("", &key));
         let channel = self.channel_for(namespace, queue).await?;
-        let mut properties = BasicProperties::default()
-            .with_delivery_mode(2)
-            .with_content_type(message::CONTENT_TYPE.into())
-            .with_message_id(routed.job_id.as_str().into());
-        if let Some(kind) = kind {
-            properties = properties.with_type(kind.into());
+        let Err(unconfirmed) = publish_dispatches(&channel, &key, dispatches).await else {
+            return Ok(());
+        };
+        if unconfirmed.needs_reconnect() {
+            // Unroutable included: the queue vanished (deleted by an
+            // operator), so declare it again on the next publish.
+            self.reset().await;
         }
-        let options = BasicPublishOptions {
-            mandatory: true,
-            ..BasicPublishOptions::default()
-        };
-        let publish = async {
-            channel
-                .basic_publish(
-                    topology::JOBS_EXCHANGE.into(),
-                    key.as_str().into(),
-                    options,
-                    &body,
-                    properties,
-                )
-                .await?
-                .await
-        };
-        let outcome = match tokio::time::timeout(CONFIRM_TIMEOUT, publish).await {
-            Ok(outcome) => outcome,
-            Err(_) => {
-                self.reset().await;
-                return Err(unavailable("no publisher confirm within 10s"));
-            }
-        };
-        match outcome {
-            Ok(Confirmation::Ack(None)) => Ok(()),
-            Ok(Confirmation::Ack(Some(_))) => {
-                // Unroutable: the queue vanished (deleted by an operator).
-                // Declare it again on the next publish.
-                self.reset().await;
-                Err(unavailable(format!(
-                    "queue {:?} was not routable",
-                    topology::queue_name(namespace, queue)
-                )))
-            }
-            Ok(Confirmation::Nack(_)) => Err(unavailable("broker refused the message (nack)")),
-            Ok(Confirmation::NotRequested) => {
-                Err(Error::Internal("publisher confirms are off".into()))
-            }
-            Err(e) => {
-                self.reset().await;
-                Err(e.into())
-            }
+        Err(match unconfirmed {
+            Unconfirmed::TimedOut => unavailable("no publisher confirm within 10s"),
+            Unconfirmed::Unroutable => unavailable(format!(
+                "queue {:?} was not routable",
+                topology::queue_name(namespace, queue)
+            )),
+            Unconfirmed::Nacked => unavailable("broker refused the message (nack)"),
+            Unconfirmed::NotRequested => Error::Internal("publisher confirms are off".into()),
+            Unconfirmed::Broken(e) => e.into(),
+        })
+    }
+}
+
+/// Why a published message was not confirmed.
+#[derive(Debug)]
+pub enum Unconfirmed {
+    /// No confirm within 10s.
+    TimedOut,
+    /// The broker returned it: no queue is bound to its routing key.
+    Unroutable,
+    /// The broker refused it.
+    Nacked,
+    /// The channel is not in confirm mode.
+    NotRequested,
+    /// The channel or connection failed.
+    Broken(lapin::Error),
+}
+
+impl Unconfirmed {
+    /// Whether the channel is in doubt and should be opened again.
+    pub fn needs_reconnect(&self) -> bool {
+        !matches!(self, Unconfirmed::Nacked | Unconfirmed::NotRequested)
+    }
+}
+
+impl std::fmt::Display for Unconfirmed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unconfirmed::TimedOut => write!(f, "no publisher confirm within 10s"),
+            Unconfirmed::Unroutable => write!(f, "the message was not routable"),
+            Unconfirmed::Nacked => write!(f, "the broker refused the message (nack)"),
+            Unconfirmed::NotRequested => write!(f, "publisher confirms are off"),
+            Unconfirmed::Broken(e) => write!(f, "{e}"),
         }
+    }
+}
+
+/// Publishes `dispatches` (all for one queue; at most
+/// [`message::MAX_BATCH`]) as one persistent, mandatory message to the jobs
+/// exchange with `routing_key`, on `channel`, which must be in confirm
+/// mode, and waits for the broker's confirm. orchd's publisher and a worker
+/// handing back part of a batch both publish this way.
+pub async fn publish_dispatches(
+    channel: &Channel,
+    routing_key: &str,
+    dispatches: &[DispatchMessage],
+) -> std::result::Result<(), Unconfirmed> {
+    let (body, kind) = message::encode_dispatches(dispatches);
+    let mut properties = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type(message::CONTENT_TYPE.into());
+    if let Some(first) = dispatches.first() {
+        properties = properties.with_message_id(first.job_id.as_str().into());
+    }
+    if let Some(kind) = kind {
+        properties = properties.with_type(kind.into());
+    }
+    let options = BasicPublishOptions {
+        mandatory: true,
+        ..BasicPublishOptions::default()
+    };
+    let publish = async {
+        channel
+            .basic_publish(
+                topology::JOBS_EXCHANGE.into(),
+                routing_key.into(),
+                options,
+                &body,
+                properties,
+            )
+            .await?
+            .await
+    };
+    match tokio::time::timeout(CONFIRM_TIMEOUT, publish).await {
+        Err(_) => Err(Unconfirmed::TimedOut),
+        Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+        Ok(Ok(Confirmation::Ack(Some(_)))) => Err(Unconfirmed::Unroutable),
+        Ok(Ok(Confirmation::Nack(_))) => Err(Unconfirmed::Nacked),
+        Ok(Ok(Confirmation::NotRequested)) => Err(Unconfirmed::NotRequested),
+        Ok(Err(e)) => Err(Unconfirmed::Broken(e)),
     }
 }
 
 #[async_trait]
 impl JobQueue for AmqpQueue {
     async fn publish(&self, msg: &DispatchMessage) -> Result<()> {
-        self.publish_body(msg, message::encode(msg), None).await
+        self.publish_to_queue(std::slice::from_ref(msg)).await
     }
 
     async fn publish_batch(&self, msgs: &[DispatchMessage]) -> Result<()> {
-        match msgs {
-            [] => Ok(()),
-            [one] => self.publish(one).await,
-            [first, rest @ ..] => {
-                let key = topology::routing_key_of(first);
-                if rest.iter().any(|m| topology::routing_key_of(m) != key) {
-                    return Err(Error::Internal(
-                        "a dispatch batch must go to one queue".into(),
-                    ));
-                }
-                if msgs.len() > message::MAX_BATCH {
-                    return Err(Error::Internal(format!(
-                        "a dispatch batch holds at most {} dispatches",
-                        message::MAX_BATCH
-                    )));
-                }
-                self.publish_body(
-                    first,
-                    message::encode_batch(msgs),
-                    Some(message::BATCH_TYPE),
-                )
-                .await
+        if let [first, rest @ ..] = msgs {
+            let key = topology::routing_key_of(first);
+            if rest.iter().any(|m| topology::routing_key_of(m) != key) {
+                return Err(Error::Internal(
+                    "a dispatch batch must go to one queue".into(),
+                ));
             }
         }
+        if msgs.len() > message::MAX_BATCH {
+            return Err(Error::Internal(format!(
+                "a dispatch batch holds at most {} dispatches",
+                message::MAX_BATCH
+            )));
+        }
+        self.publish_to_queue(msgs).await
     }
 
     async fn send_control(&self, worker_id: &str, msg: &ControlMessage) -> Result<()> {

@@ -66,6 +66,16 @@ pub fn decode_dispatches(batch: bool, bytes: &[u8]) -> Result<Vec<DispatchMessag
     }
 }
 
+/// The body and AMQP `type` of one message holding `dispatches` (all for
+/// one queue): a plain dispatch for one, a batch for several; what
+/// [`decode_dispatches`] reads back.
+pub fn encode_dispatches(dispatches: &[DispatchMessage]) -> (Vec<u8>, Option<&'static str>) {
+    match dispatches {
+        [one] => (encode(one), None),
+        several => (encode_batch(several), Some(BATCH_TYPE)),
+    }
+}
+
 /// Encodes dispatches for one queue as a batch message body.
 pub fn encode_batch(dispatches: &[DispatchMessage]) -> Vec<u8> {
     DispatchBatch {
@@ -203,6 +213,12 @@ mod tests {
             decode_dispatches(false, &encode(&good[0])).unwrap(),
             good[..1]
         );
+        // encode_dispatches picks the form decode_dispatches reads back.
+        for n in [1, 3] {
+            let (body, kind) = encode_dispatches(&good[..n]);
+            assert_eq!(kind.is_some(), n > 1);
+            assert_eq!(decode_dispatches(is_batch(kind), &body).unwrap(), good[..n]);
+        }
 
         let mut bad = good.clone();
         bad[1].job_id = "nope".into();

@@ -12,8 +12,13 @@
 //! Since a message is acked when its attempt starts, the prefetch does not
 //! bound how many jobs run: a semaphore of `--concurrency` permits does, and
 //! a delivery waits for a permit before StartAttempt. So up to
-//! `--concurrency` more messages per queue wait, unacked, in a busy worker;
-//! they go back to the queue if it dies or shuts down.
+//! `--concurrency` more messages per queue can reach a busy worker; each
+//! waits there at most [`SLOT_WAIT`] and then goes back to the queue, where
+//! an idle worker can take it (and all of them go back if the worker dies
+//! or shuts down). A batch message (up to 50 dispatches) takes only the
+//! permits free once its first one came, and hands the rest back to the
+//! queue as a new message (published with confirms before the batch is
+//! acked). So a busy worker never keeps jobs from an idle one.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,7 +27,7 @@ use futures::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-    BasicRejectOptions,
+    BasicRejectOptions, ConfirmSelectOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
@@ -52,6 +57,13 @@ const RECONNECT_INITIAL: Duration = Duration::from_millis(500);
 const RECONNECT_MAX: Duration = Duration::from_secs(10);
 /// How long closing the broker connection may take on the way out.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a delivery waits for a free slot before it goes back to the
+/// queue for another worker. A busy worker is sent up to `--concurrency`
+/// messages (they are acked when their attempts start, so they do not fill
+/// the prefetch); each bounces at most this often while every worker is
+/// busy, a small price for never leaving a job waiting in a busy worker
+/// while an idle one could run it.
+const SLOT_WAIT: Duration = Duration::from_secs(1);
 
 /// Consumes until `shutdown`, then stops consuming and returns once every
 /// delivery taken is either running as an attempt (in `attempts`) or back
@@ -124,6 +136,12 @@ impl Consumer {
             let connection =
                 amqp::connect_with_tls(&settings.amqp_url, &name, &settings.amqp_tls).await?;
             let channel = connection.create_channel().await?;
+            // Where the part of a batch this worker cannot start yet goes
+            // back to its queue, with confirms.
+            let publisher = connection.create_channel().await?;
+            publisher
+                .confirm_select(ConfirmSelectOptions::default())
+                .await?;
             // Per consumer (global = false), the usual RabbitMQ meaning.
             channel
                 .basic_qos(settings.concurrency, BasicQosOptions { global: false })
@@ -143,9 +161,9 @@ impl Consumer {
                     .await?;
                 consumers.push(consumer);
             }
-            Ok::<_, orchestrator::Error>((connection, channel, consumers))
+            Ok::<_, orchestrator::Error>((connection, channel, publisher, consumers))
         };
-        let (connection, channel, consumers) = tokio::select! {
+        let (connection, channel, publisher, consumers) = tokio::select! {
             _ = self.shutdown.cancelled() => return Ok(Ended::Shutdown),
             ready = setup => ready?,
         };
@@ -157,13 +175,17 @@ impl Consumer {
         // Fired when this session ends: deliveries still waiting for a slot
         // give up (the broker requeues them when the channel closes or died).
         let gone = CancellationToken::new();
+        let broken = CancellationToken::new();
         let ended = loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => break Ended::Shutdown,
+                _ = broken.cancelled() => break Ended::Lost("the channel for handing dispatches back failed".into()),
                 next = deliveries.next() => match next {
                     Some(Ok(delivery)) => {
                         let job = Delivered {
                             shared: self.shared.clone(),
+                            publisher: publisher.clone(),
+                            broken: broken.clone(),
                             slots: self.slots.clone(),
                             attempts: self.attempts.clone(),
                             gone: gone.clone(),
@@ -218,6 +240,11 @@ async fn close(connection: &Connection, channel: &Channel) {
 /// One delivery's handling, up to the ack.
 struct Delivered {
     shared: Arc<Shared>,
+    /// The session's channel for handing dispatches back (confirm mode).
+    publisher: Channel,
+    /// Fired when that channel is in doubt: the session ends and connects
+    /// again.
+    broken: CancellationToken,
     slots: Arc<Semaphore>,
     attempts: TaskTracker,
     gone: CancellationToken,
@@ -227,27 +254,37 @@ struct Delivered {
 enum Handled {
     /// The attempt runs (it holds a slot until it ends).
     Started,
+    /// No slot was free for it: it is back in the queue, in a message of
+    /// its own.
+    HandedBack,
     /// orchd said to drop it (a duplicate, or the job moved on).
     Dropped,
     /// orchd does not know the job.
     Unknown,
-    /// StartAttempt failed; the message must go back to the queue after
-    /// this wait.
+    /// StartAttempt (or the hand-back) failed; the message must go back to
+    /// the queue after this wait.
     Failed(Duration),
-    /// The channel died or the worker is stopping: the broker requeues the
-    /// message by itself.
-    Gone,
 }
 
 impl Delivered {
     /// Handles a delivery: one dispatch, or a batch of them (AMQP `type`
-    /// [`message::BATCH_TYPE`]), each started as if it had come alone. The
-    /// message is acked once each was started or dropped, and goes back to
-    /// the queue when one could not be started yet (the ones that were are
-    /// dropped as duplicates when it comes again).
+    /// [`message::BATCH_TYPE`]), each started as if it had come alone.
+    ///
+    /// The delivery waits for one free slot; then the dispatches that find
+    /// a free slot at once are started, and the rest of a batch is handed
+    /// back: published to its queue again as a message of its own, for
+    /// whichever worker has slots first. A busy worker never sits on
+    /// dispatches that an idle one could run; each hand-back follows at
+    /// least one start, so it cannot loop.
+    ///
+    /// The message is acked once each dispatch was started or dropped and
+    /// the rest (if any) confirmed by the broker, and goes back to the
+    /// queue when one could not be started yet or the hand-back failed (the
+    /// ones that were started are dropped as duplicates when it comes
+    /// again).
     async fn handle(self, delivery: Delivery) {
         let batch = message::is_batch(delivery.properties.kind().as_ref().map(|k| k.as_str()));
-        let dispatches = match message::decode_dispatches(batch, &delivery.data) {
+        let mut dispatches = match message::decode_dispatches(batch, &delivery.data) {
             Ok(dispatches) => dispatches,
             Err(e) => {
                 tracing::warn!(
@@ -260,12 +297,6 @@ impl Delivered {
                 return;
             }
         };
-        let handled = futures::future::join_all(
-            dispatches
-                .iter()
-                .map(|dispatch| self.start(&delivery, dispatch)),
-        )
-        .await;
         let label = if batch {
             format!(
                 "batch of {} from {}",
@@ -275,9 +306,42 @@ impl Delivered {
         } else {
             dispatches[0].job_id.clone()
         };
-        if handled.iter().any(|h| matches!(h, Handled::Gone)) {
+        // Wait for a free slot before StartAttempt, so an attempt only starts
+        // (and its lease only runs) when it can run; but not for long, so
+        // that a busy worker does not sit on a message an idle one could run.
+        let first = tokio::select! {
+            slot = tokio::time::timeout(SLOT_WAIT, self.slots.clone().acquire_owned()) => match slot {
+                Ok(Ok(slot)) => slot,
+                Ok(Err(_)) => return,
+                Err(_) => {
+                    tracing::debug!(job_id = %label, waited = ?SLOT_WAIT, "no free slot; the message goes back to the queue");
+                    requeue(&delivery, &label).await;
+                    return;
+                }
+            },
+            _ = self.gone.cancelled() => return,
+        };
+        if !delivery.acker.usable() {
+            // The channel died while the message waited; the broker has
+            // already put it back.
             return;
         }
+        let mut slots = vec![first];
+        while slots.len() < dispatches.len() {
+            match self.slots.clone().try_acquire_owned() {
+                Ok(slot) => slots.push(slot),
+                Err(_) => break,
+            }
+        }
+        let rest = dispatches.split_off(slots.len());
+        let starting = futures::future::join_all(
+            dispatches
+                .iter()
+                .zip(slots)
+                .map(|(dispatch, slot)| self.start(dispatch, slot)),
+        );
+        let (mut handled, handed_back) = tokio::join!(starting, self.hand_back(&delivery, &rest));
+        handled.extend(handed_back);
         let wait = handled
             .iter()
             .filter_map(|h| match h {
@@ -292,13 +356,7 @@ impl Delivered {
                 _ = tokio::time::sleep(wait) => {}
                 _ = self.gone.cancelled() => return,
             }
-            let requeue = BasicNackOptions {
-                multiple: false,
-                requeue: true,
-            };
-            if let Err(e) = delivery.acker.nack(requeue).await {
-                tracing::debug!(job_id = %label, error = %e, "nack failed; the broker requeues on channel loss");
-            }
+            requeue(&delivery, &label).await;
             return;
         }
         if !batch && matches!(handled[0], Handled::Unknown) {
@@ -308,24 +366,31 @@ impl Delivered {
         ack(&delivery, &label).await;
     }
 
-    /// Starts one dispatch of `delivery` once a slot is free; the attempt
-    /// then runs on its own, holding the slot.
-    async fn start(&self, delivery: &Delivery, dispatch: &DispatchMessage) -> Handled {
-        let job_id = dispatch.job_id.as_str();
-        // Wait for a free slot before StartAttempt, so an attempt only starts
-        // (and its lease only runs) when it can run.
-        let slot = tokio::select! {
-            slot = self.slots.clone().acquire_owned() => match slot {
-                Ok(slot) => slot,
-                Err(_) => return Handled::Gone,
-            },
-            _ = self.gone.cancelled() => return Handled::Gone,
-        };
-        if !delivery.acker.usable() {
-            // The channel died while the message waited; the broker has
-            // already put it back.
-            return Handled::Gone;
+    /// Publishes `rest`, the dispatches of `delivery` this worker has no
+    /// slot for, to their queue again; `None` when there are none.
+    async fn hand_back(&self, delivery: &Delivery, rest: &[DispatchMessage]) -> Option<Handled> {
+        let first = rest.first()?;
+        let routing_key = delivery.routing_key.as_str();
+        match amqp::publish_dispatches(&self.publisher, routing_key, rest).await {
+            Ok(()) => {
+                tracing::debug!(job_id = %first.job_id, dispatches = rest.len(), "no free slot for these; handed them back to the queue");
+                Some(Handled::HandedBack)
+            }
+            Err(e) => {
+                let wait = self.shared.start_backoff();
+                tracing::warn!(job_id = %first.job_id, dispatches = rest.len(), error = %e, retry_in = ?wait, "could not hand dispatches back; the whole message goes back to the queue");
+                if e.needs_reconnect() {
+                    self.broken.cancel();
+                }
+                Some(Handled::Failed(wait))
+            }
         }
+    }
+
+    /// Starts one dispatch in `slot`; the attempt then runs on its own,
+    /// holding the slot.
+    async fn start(&self, dispatch: &DispatchMessage, slot: OwnedSemaphorePermit) -> Handled {
+        let job_id = dispatch.job_id.as_str();
         match attempt::start(&self.shared, dispatch).await {
             StartOutcome::Run(started) => {
                 // The attempt is orchd's record now, so the message has done
@@ -390,6 +455,17 @@ async fn ack(delivery: &Delivery, job_id: &str) {
         Err(e) => {
             tracing::warn!(job_id = %job_id, error = %e, "ack failed; a redelivery will be dropped")
         }
+    }
+}
+
+/// Hands the message back to the queue, for any consumer.
+async fn requeue(delivery: &Delivery, job_id: &str) {
+    let requeue = BasicNackOptions {
+        multiple: false,
+        requeue: true,
+    };
+    if let Err(e) = delivery.acker.nack(requeue).await {
+        tracing::debug!(job_id = %job_id, error = %e, "nack failed; the broker requeues on channel loss");
     }
 }
 

@@ -7,8 +7,10 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use orchestrator::proto::v1::CancelJobRequest;
-use orchestrator::queue::topology;
+use lapin::options::{ConfirmSelectOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use orchestrator::proto::v1::{CancelJobRequest, DispatchMessage};
+use orchestrator::queue::{amqp, topology};
 use orchestrator::state::State;
 use orchestrator_server::ServeConfig;
 use orchestrator_testkit::{
@@ -180,4 +182,136 @@ async fn a_worker_redeclares_its_deleted_control_queue() {
     worker.stop(T).await;
     orchd.stop().await;
     drop(rabbit);
+}
+
+/// Injects: a batch message of four jobs waiting in a worker with one busy
+/// slot, and its queue unbound from the jobs exchange meanwhile, so that
+/// when the slot frees and the worker starts the first job and hands the
+/// other three back, the broker returns that message as unroutable. (The
+/// four jobs were submitted to a queue no one consumes, and the batch
+/// message is made by hand: orchd's own dispatches of them are elsewhere.)
+/// Asserts: nothing is lost or run twice. The worker puts the batch
+/// message back on the queue and reconnects, which binds its queue again
+/// (a probe published with `mandatory` is returned before and routed
+/// after), and every job of the batch COMPLETES exactly once, on attempt 1.
+#[tokio::test]
+async fn a_batch_whose_rest_cannot_be_handed_back_is_not_lost() {
+    let orchd = Orchd::start().await;
+    let (queue, parked) = (fresh_queue(), fresh_queue());
+    let mut jobs = orchd.jobs().await;
+    let connection = amqp::connect(&orchd.amqp_url, "test-unbind").await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let (name, key) = (
+        topology::queue_name("default", &queue),
+        topology::routing_key("default", &queue),
+    );
+    // Declared as the worker declares it, so that the passive declares
+    // below never race the worker's.
+    topology::declare_job_queue(&channel, "default", &queue)
+        .await
+        .unwrap();
+    let counts = || async {
+        let declared = channel
+            .queue_declare(
+                name.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        (declared.consumer_count(), declared.message_count())
+    };
+    let until = |what: &'static str, ok: Box<dyn Fn((u32, u32)) -> bool>| {
+        let counts = &counts;
+        async move {
+            let deadline = tokio::time::Instant::now() + T;
+            while !ok(counts().await) {
+                assert!(tokio::time::Instant::now() < deadline, "{what}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+
+    let mut config = worker_config(&orchd, &queue);
+    config.concurrency = 1;
+    let worker = Worker::start(config);
+    until(
+        "the worker never consumed",
+        Box::new(|(consumers, _)| consumers == 1),
+    )
+    .await;
+    let blocker = submit(&mut jobs, spec("sleep", &queue, json!({"seconds": 1.0}))).await;
+    wait_state(&mut jobs, &blocker.id, State::Running, T).await;
+
+    let mut batch = Vec::new();
+    for _ in 0..4 {
+        batch.push(submit(&mut jobs, spec("sleep", &parked, json!({"seconds": 0.1}))).await);
+    }
+    let dispatches: Vec<DispatchMessage> = batch
+        .iter()
+        .map(|job| DispatchMessage {
+            job_id: job.id.clone(),
+            kind: job.kind.clone(),
+            queue: queue.clone(),
+            attempt: 1,
+            namespace: "default".into(),
+            max_attempts: job.max_attempts,
+            ..DispatchMessage::default()
+        })
+        .collect();
+    amqp::publish_dispatches(&channel, &key, &dispatches)
+        .await
+        .expect("the batch is published");
+    // Taken by the worker, where it waits for the busy slot.
+    until(
+        "the batch was never delivered",
+        Box::new(|(_, ready)| ready == 0),
+    )
+    .await;
+    channel
+        .queue_unbind(
+            name.as_str().into(),
+            topology::JOBS_EXCHANGE.into(),
+            key.as_str().into(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    // The probe: a duplicate dispatch of the blocker (a worker drops it).
+    let probe = DispatchMessage {
+        job_id: blocker.id.clone(),
+        attempt: 1,
+        ..dispatches[0].clone()
+    };
+    let routed = || amqp::publish_dispatches(&channel, &key, std::slice::from_ref(&probe));
+    assert!(
+        matches!(routed().await, Err(amqp::Unconfirmed::Unroutable)),
+        "the queue is unbound"
+    );
+
+    for job in &batch {
+        let done = wait_terminal(&mut jobs, &job.id, T).await;
+        assert_eq!(state(&done), State::Completed, "{done:?}");
+        assert_eq!(done.attempt, 1, "{done:?}");
+        let completions = done
+            .history
+            .iter()
+            .filter(|t| t.to == State::Completed.to_proto() as i32)
+            .count();
+        assert_eq!(completions, 1, "{done:?}");
+    }
+    assert!(
+        routed().await.is_ok(),
+        "the worker reconnected after the failed hand-back and bound its queue again"
+    );
+    let _ = connection.close(200, "bye".into()).await;
+    worker.stop(T).await;
+    orchd.stop().await;
 }

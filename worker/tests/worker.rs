@@ -629,6 +629,140 @@ async fn batch_messages_run_each_job_once_and_are_acked_as_a_whole() {
     orchd.stop().await;
 }
 
+/// Sends: a SubmitJobs batch of six `sleep` jobs of an hour (orchd
+/// publishes it as one batch message) to two workers with one slot each.
+/// Asserts: two of the jobs run at the same time, one on each worker (the
+/// worker that gets the message starts one and hands the other five back
+/// to the queue, where the idle worker takes them; before, the first
+/// worker sat on all six and the second stayed idle), and the other four
+/// wait CREATED. Then every job is cancelled and ends CANCELLED without a
+/// second attempt.
+#[tokio::test]
+async fn a_batch_of_long_jobs_spreads_over_the_workers() {
+    let orchd = Orchd::start().await;
+    let queue = fresh_queue();
+    let mut config = worker_config(&orchd, &queue);
+    config.concurrency = 1;
+    let workers = [Worker::start(config.clone()), Worker::start(config)];
+    let mut jobs = orchd.jobs().await;
+    let batch = jobs
+        .submit_jobs(orchestrator::proto::v1::SubmitJobsRequest {
+            jobs: (0..6)
+                .map(|_| spec("sleep", &queue, json!({ "seconds": 3600 })))
+                .collect(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
+
+    let deadline = Instant::now() + T;
+    let running = loop {
+        let mut now = Vec::new();
+        for job in &batch {
+            now.push(get(&mut jobs, &job.id).await);
+        }
+        let running: Vec<_> = now
+            .iter()
+            .filter(|j| state(j) == State::Running)
+            .cloned()
+            .collect();
+        if running.len() >= 2 {
+            let waiting = now.iter().filter(|j| state(j) == State::Created).count();
+            assert_eq!(
+                (running.len(), waiting),
+                (2, 4),
+                "one job per slot, the rest waiting: {now:?}"
+            );
+            break running;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "two jobs never ran at once: {:?}",
+            now.iter()
+                .map(|j| (state(j), j.worker_id.clone()))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_ne!(
+        running[0].worker_id, running[1].worker_id,
+        "one on each worker"
+    );
+
+    for job in &batch {
+        jobs.cancel_job(CancelJobRequest {
+            job_id: job.id.clone(),
+        })
+        .await
+        .unwrap();
+    }
+    for job in &batch {
+        let done = wait_terminal(&mut jobs, &job.id, T).await;
+        assert_eq!(state(&done), State::Cancelled, "{done:?}");
+        assert!(done.attempt <= 1, "{done:?}");
+    }
+    for worker in workers {
+        worker.stop(T).await;
+    }
+    orchd.stop().await;
+}
+
+/// Sends: two `sleep` jobs of an hour, one message each, to one worker
+/// with one slot: the first runs, the second is delivered to it as well
+/// (acked messages do not fill the prefetch) and waits for the slot. Then
+/// a second worker starts. Asserts: the waiting job goes back to the queue
+/// and runs on the idle worker; before, it waited in the busy one for the
+/// whole hour. Both are then cancelled.
+#[tokio::test]
+async fn a_job_waiting_in_a_busy_worker_goes_to_an_idle_one() {
+    let orchd = Orchd::start().await;
+    let queue = fresh_queue();
+    let connection = amqp::connect(&orchd.amqp_url, "test-busy").await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    topology::declare_job_queue(&channel, "default", &queue)
+        .await
+        .unwrap();
+    let mut config = worker_config(&orchd, &queue);
+    config.concurrency = 1;
+    let busy = Worker::start(config.clone());
+    let mut jobs = orchd.jobs().await;
+    let first = submit(&mut jobs, spec("sleep", &queue, json!({"seconds": 3600}))).await;
+    let first = wait_state(&mut jobs, &first.id, State::Running, T).await;
+    let second = submit(&mut jobs, spec("sleep", &queue, json!({"seconds": 3600}))).await;
+    let deadline = Instant::now() + T;
+    while topology_counts(&channel, &queue).await.1 > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the second job was never delivered"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let idle = Worker::start(config);
+    let second = wait_state(&mut jobs, &second.id, State::Running, T).await;
+    assert_ne!(
+        second.worker_id, first.worker_id,
+        "it ran on the idle worker"
+    );
+    assert_eq!(second.attempt, 1);
+
+    for job in [&first, &second] {
+        jobs.cancel_job(CancelJobRequest {
+            job_id: job.id.clone(),
+        })
+        .await
+        .unwrap();
+        let done = wait_terminal(&mut jobs, &job.id, T).await;
+        assert_eq!(state(&done), State::Cancelled, "{done:?}");
+    }
+    let _ = connection.close(200, "bye".into()).await;
+    for worker in [busy, idle] {
+        worker.stop(T).await;
+    }
+    orchd.stop().await;
+}
+
 /// Messages ready and unacked on `queue` (default namespace).
 async fn topology_counts(channel: &Channel, queue: &str) -> (u32, u32) {
     let declared = channel
