@@ -164,7 +164,8 @@ impl AmqpQueue {
         let key = topology::routing_key_of(first);
         let (namespace, queue) = key.split_once('.').unwrap_or(("", &key));
         let channel = self.channel_for(namespace, queue).await?;
-        let Err(unconfirmed) = publish_dispatches(&channel, &key, dispatches).await else {
+        let published = publish_dispatches(&channel, topology::JOBS_EXCHANGE, &key, dispatches);
+        let Err(unconfirmed) = published.await else {
             return Ok(());
         };
         if unconfirmed.needs_reconnect() {
@@ -220,12 +221,13 @@ impl std::fmt::Display for Unconfirmed {
 }
 
 /// Publishes `dispatches` (all for one queue; at most
-/// [`message::MAX_BATCH`]) as one persistent, mandatory message to the jobs
-/// exchange with `routing_key`, on `channel`, which must be in confirm
+/// [`message::MAX_BATCH`]) as one persistent, mandatory message to
+/// `exchange` with `routing_key`, on `channel`, which must be in confirm
 /// mode, and waits for the broker's confirm. orchd's publisher and a worker
 /// handing back part of a batch both publish this way.
 pub async fn publish_dispatches(
     channel: &Channel,
+    exchange: &str,
     routing_key: &str,
     dispatches: &[DispatchMessage],
 ) -> std::result::Result<(), Unconfirmed> {
@@ -246,7 +248,7 @@ pub async fn publish_dispatches(
     let publish = async {
         channel
             .basic_publish(
-                topology::JOBS_EXCHANGE.into(),
+                exchange.into(),
                 routing_key.into(),
                 options,
                 &body,

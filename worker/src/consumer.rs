@@ -12,13 +12,13 @@
 //! Since a message is acked when its attempt starts, the prefetch does not
 //! bound how many jobs run: a semaphore of `--concurrency` permits does, and
 //! a delivery waits for a permit before StartAttempt. So up to
-//! `--concurrency` more messages per queue can reach a busy worker; each
-//! waits there at most [`SLOT_WAIT`] and then goes back to the queue, where
-//! an idle worker can take it (and all of them go back if the worker dies
-//! or shuts down). A batch message (up to 50 dispatches) takes only the
-//! permits free once its first one came, and hands the rest back to the
-//! queue as a new message (published with confirms before the batch is
-//! acked). So a busy worker never keeps jobs from an idle one.
+//! `--concurrency` more messages per queue can reach a busy worker (and all
+//! of them go back if the worker dies or shuts down). Each dispatch waits
+//! there for a permit for [`SLOT_WAIT`] at most: a message none of whose
+//! dispatches got one goes back to the queue, and the dispatches of a batch
+//! message (up to 50) still waiting then are handed back as a new message
+//! (published with confirms before the batch is acked). So a busy worker
+//! never keeps jobs from an idle one for long.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -57,12 +57,13 @@ const RECONNECT_INITIAL: Duration = Duration::from_millis(500);
 const RECONNECT_MAX: Duration = Duration::from_secs(10);
 /// How long closing the broker connection may take on the way out.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a delivery waits for a free slot before it goes back to the
+/// How long a dispatch waits for a free slot before it goes back to the
 /// queue for another worker. A busy worker is sent up to `--concurrency`
 /// messages (they are acked when their attempts start, so they do not fill
 /// the prefetch); each bounces at most this often while every worker is
-/// busy, a small price for never leaving a job waiting in a busy worker
-/// while an idle one could run it.
+/// busy, a small price for never leaving a job waiting long in a busy
+/// worker while an idle one could run it. Long enough that short jobs free
+/// slots within it: handing back is for jobs that would wait seconds.
 const SLOT_WAIT: Duration = Duration::from_secs(1);
 
 /// Consumes until `shutdown`, then stops consuming and returns once every
@@ -250,6 +251,17 @@ struct Delivered {
     gone: CancellationToken,
 }
 
+/// How one dispatch's wait for a slot ended.
+enum Waited {
+    /// It got one and was handled.
+    Handled(Handled),
+    /// None came before the deadline.
+    NoSlot,
+    /// The channel died or the worker is stopping: the broker requeues the
+    /// message by itself.
+    Gone,
+}
+
 /// What became of one dispatch of a delivery.
 enum Handled {
     /// The attempt runs (it holds a slot until it ends).
@@ -270,12 +282,13 @@ impl Delivered {
     /// Handles a delivery: one dispatch, or a batch of them (AMQP `type`
     /// [`message::BATCH_TYPE`]), each started as if it had come alone.
     ///
-    /// The delivery waits for one free slot; then the dispatches that find
-    /// a free slot at once are started, and the rest of a batch is handed
-    /// back: published to its queue again as a message of its own, for
-    /// whichever worker has slots first. A busy worker never sits on
-    /// dispatches that an idle one could run; each hand-back follows at
-    /// least one start, so it cannot loop.
+    /// Each dispatch is started as soon as it has a free slot, for
+    /// [`SLOT_WAIT`] at most. If none got one, the message goes back to
+    /// the queue; if some did, the rest is handed back: published to the
+    /// queue again as a message of its own, for whichever worker has slots
+    /// first. So a busy worker does not sit on dispatches that an idle one
+    /// could run, and a worker whose jobs are short (its slots free up
+    /// within the wait) starts a whole batch itself.
     ///
     /// The message is acked once each dispatch was started or dropped and
     /// the rest (if any) confirmed by the broker, and goes back to the
@@ -284,7 +297,7 @@ impl Delivered {
     /// again).
     async fn handle(self, delivery: Delivery) {
         let batch = message::is_batch(delivery.properties.kind().as_ref().map(|k| k.as_str()));
-        let mut dispatches = match message::decode_dispatches(batch, &delivery.data) {
+        let dispatches = match message::decode_dispatches(batch, &delivery.data) {
             Ok(dispatches) => dispatches,
             Err(e) => {
                 tracing::warn!(
@@ -306,42 +319,44 @@ impl Delivered {
         } else {
             dispatches[0].job_id.clone()
         };
-        // Wait for a free slot before StartAttempt, so an attempt only starts
-        // (and its lease only runs) when it can run; but not for long, so
-        // that a busy worker does not sit on a message an idle one could run.
-        let first = tokio::select! {
-            slot = tokio::time::timeout(SLOT_WAIT, self.slots.clone().acquire_owned()) => match slot {
-                Ok(Ok(slot)) => slot,
-                Ok(Err(_)) => return,
-                Err(_) => {
-                    tracing::debug!(job_id = %label, waited = ?SLOT_WAIT, "no free slot; the message goes back to the queue");
-                    requeue(&delivery, &label).await;
-                    return;
-                }
-            },
-            _ = self.gone.cancelled() => return,
-        };
-        if !delivery.acker.usable() {
-            // The channel died while the message waited; the broker has
-            // already put it back.
+        // Each dispatch waits for a free slot before StartAttempt, so an
+        // attempt only starts (and its lease only runs) when it can run; but
+        // not past the deadline, so that a busy worker does not sit on jobs
+        // an idle one could run.
+        let deadline = tokio::time::Instant::now() + SLOT_WAIT;
+        let (this, acker) = (&self, &delivery.acker);
+        let waited = futures::future::join_all(dispatches.iter().map(|dispatch| async move {
+            let slot = tokio::select! {
+                slot = tokio::time::timeout_at(deadline, this.slots.clone().acquire_owned()) => slot,
+                _ = this.gone.cancelled() => return Waited::Gone,
+            };
+            match slot {
+                Err(_) => Waited::NoSlot,
+                Ok(Err(_)) => Waited::Gone,
+                // The channel died while the message waited: the broker has
+                // already put it back.
+                Ok(Ok(_)) if !acker.usable() => Waited::Gone,
+                Ok(Ok(slot)) => Waited::Handled(this.start(dispatch, slot).await),
+            }
+        }))
+        .await;
+        if waited.iter().any(|w| matches!(w, Waited::Gone)) {
             return;
         }
-        let mut slots = vec![first];
-        while slots.len() < dispatches.len() {
-            match self.slots.clone().try_acquire_owned() {
-                Ok(slot) => slots.push(slot),
-                Err(_) => break,
+        if waited.iter().all(|w| matches!(w, Waited::NoSlot)) {
+            tracing::debug!(job_id = %label, waited = ?SLOT_WAIT, "no free slot; the message goes back to the queue");
+            requeue(&delivery, &label).await;
+            return;
+        }
+        let mut handled = Vec::with_capacity(dispatches.len());
+        let mut rest = Vec::new();
+        for (dispatch, waited) in dispatches.into_iter().zip(waited) {
+            match waited {
+                Waited::Handled(h) => handled.push(h),
+                _ => rest.push(dispatch),
             }
         }
-        let rest = dispatches.split_off(slots.len());
-        let starting = futures::future::join_all(
-            dispatches
-                .iter()
-                .zip(slots)
-                .map(|(dispatch, slot)| self.start(dispatch, slot)),
-        );
-        let (mut handled, handed_back) = tokio::join!(starting, self.hand_back(&delivery, &rest));
-        handled.extend(handed_back);
+        handled.extend(self.hand_back(&delivery, &rest).await);
         let wait = handled
             .iter()
             .filter_map(|h| match h {
@@ -366,12 +381,15 @@ impl Delivered {
         ack(&delivery, &label).await;
     }
 
-    /// Publishes `rest`, the dispatches of `delivery` this worker has no
-    /// slot for, to their queue again; `None` when there are none.
+    /// Publishes `rest`, the dispatches of `delivery` that got no slot in
+    /// time, to their queue again; `None` when there are none.
     async fn hand_back(&self, delivery: &Delivery, rest: &[DispatchMessage]) -> Option<Handled> {
         let first = rest.first()?;
-        let routing_key = delivery.routing_key.as_str();
-        match amqp::publish_dispatches(&self.publisher, routing_key, rest).await {
+        // The way the message came (orchd's exchange and routing key, or the
+        // queue's name on the default exchange when an operator moved
+        // messages back by hand) leads back to this queue.
+        let (exchange, routing_key) = (delivery.exchange.as_str(), delivery.routing_key.as_str());
+        match amqp::publish_dispatches(&self.publisher, exchange, routing_key, rest).await {
             Ok(()) => {
                 tracing::debug!(job_id = %first.job_id, dispatches = rest.len(), "no free slot for these; handed them back to the queue");
                 Some(Handled::HandedBack)

@@ -184,16 +184,17 @@ async fn a_worker_redeclares_its_deleted_control_queue() {
     drop(rabbit);
 }
 
-/// Injects: a batch message of four jobs waiting in a worker with one busy
-/// slot, and its queue unbound from the jobs exchange meanwhile, so that
-/// when the slot frees and the worker starts the first job and hands the
-/// other three back, the broker returns that message as unroutable. (The
-/// four jobs were submitted to a queue no one consumes, and the batch
-/// message is made by hand: orchd's own dispatches of them are elsewhere.)
-/// Asserts: nothing is lost or run twice. The worker puts the batch
-/// message back on the queue and reconnects, which binds its queue again
-/// (a probe published with `mandatory` is returned before and routed
-/// after), and every job of the batch COMPLETES exactly once, on attempt 1.
+/// Injects: a batch message of four `sleep` jobs of 1.5 s to a worker with
+/// one slot, and its queue unbound from the jobs exchange right after the
+/// message was published. The worker starts the first job; the other three
+/// find no slot within the 1 s wait, and the message handing them back is
+/// returned by the broker as unroutable. (The four jobs were submitted to
+/// a queue no one consumes and the batch message is made by hand, so
+/// orchd's own dispatches of them are elsewhere.) Asserts: nothing is lost
+/// or run twice. The worker puts the batch message back on the queue and
+/// reconnects, which binds its queue again (a probe published with
+/// `mandatory` is returned before and routed after), and every job of the
+/// batch COMPLETES exactly once, on attempt 1.
 #[tokio::test]
 async fn a_batch_whose_rest_cannot_be_handed_back_is_not_lost() {
     let orchd = Orchd::start().await;
@@ -214,7 +215,11 @@ async fn a_batch_whose_rest_cannot_be_handed_back_is_not_lost() {
     topology::declare_job_queue(&channel, "default", &queue)
         .await
         .unwrap();
-    let counts = || async {
+    let mut config = worker_config(&orchd, &queue);
+    config.concurrency = 1;
+    let worker = Worker::start(config);
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
         let declared = channel
             .queue_declare(
                 name.as_str().into(),
@@ -226,33 +231,19 @@ async fn a_batch_whose_rest_cannot_be_handed_back_is_not_lost() {
             )
             .await
             .unwrap();
-        (declared.consumer_count(), declared.message_count())
-    };
-    let until = |what: &'static str, ok: Box<dyn Fn((u32, u32)) -> bool>| {
-        let counts = &counts;
-        async move {
-            let deadline = tokio::time::Instant::now() + T;
-            while !ok(counts().await) {
-                assert!(tokio::time::Instant::now() < deadline, "{what}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+        if declared.consumer_count() == 1 {
+            break;
         }
-    };
-
-    let mut config = worker_config(&orchd, &queue);
-    config.concurrency = 1;
-    let worker = Worker::start(config);
-    until(
-        "the worker never consumed",
-        Box::new(|(consumers, _)| consumers == 1),
-    )
-    .await;
-    let blocker = submit(&mut jobs, spec("sleep", &queue, json!({"seconds": 1.0}))).await;
-    wait_state(&mut jobs, &blocker.id, State::Running, T).await;
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the worker never consumed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     let mut batch = Vec::new();
     for _ in 0..4 {
-        batch.push(submit(&mut jobs, spec("sleep", &parked, json!({"seconds": 0.1}))).await);
+        batch.push(submit(&mut jobs, spec("sleep", &parked, json!({"seconds": 1.5}))).await);
     }
     let dispatches: Vec<DispatchMessage> = batch
         .iter()
@@ -266,15 +257,10 @@ async fn a_batch_whose_rest_cannot_be_handed_back_is_not_lost() {
             ..DispatchMessage::default()
         })
         .collect();
-    amqp::publish_dispatches(&channel, &key, &dispatches)
+    amqp::publish_dispatches(&channel, topology::JOBS_EXCHANGE, &key, &dispatches)
         .await
         .expect("the batch is published");
-    // Taken by the worker, where it waits for the busy slot.
-    until(
-        "the batch was never delivered",
-        Box::new(|(_, ready)| ready == 0),
-    )
-    .await;
+    // The hand-back comes a second after the delivery: unbind before.
     channel
         .queue_unbind(
             name.as_str().into(),
@@ -284,13 +270,9 @@ async fn a_batch_whose_rest_cannot_be_handed_back_is_not_lost() {
         )
         .await
         .unwrap();
-    // The probe: a duplicate dispatch of the blocker (a worker drops it).
-    let probe = DispatchMessage {
-        job_id: blocker.id.clone(),
-        attempt: 1,
-        ..dispatches[0].clone()
-    };
-    let routed = || amqp::publish_dispatches(&channel, &key, std::slice::from_ref(&probe));
+    // The probe: a duplicate dispatch of the first job (a worker drops it).
+    let probe = std::slice::from_ref(&dispatches[0]);
+    let routed = || amqp::publish_dispatches(&channel, topology::JOBS_EXCHANGE, &key, probe);
     assert!(
         matches!(routed().await, Err(amqp::Unconfirmed::Unroutable)),
         "the queue is unbound"
