@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use lapin::options::{ConfirmSelectOptions, QueueDeclareOptions};
+use lapin::options::ConfirmSelectOptions;
 use lapin::types::FieldTable;
 use orchestrator::proto::v1::{CancelJobRequest, DispatchMessage};
 use orchestrator::queue::{amqp, topology};
@@ -219,21 +219,7 @@ async fn a_batch_whose_rest_cannot_be_handed_back_is_not_lost() {
     config.concurrency = 1;
     let worker = Worker::start(config);
     let deadline = tokio::time::Instant::now() + T;
-    loop {
-        let declared = channel
-            .queue_declare(
-                name.as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        if declared.consumer_count() == 1 {
-            break;
-        }
+    while queue_counts(&channel, &queue).await.0 != 1 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "the worker never consumed"

@@ -615,7 +615,7 @@ async fn batch_messages_run_each_job_once_and_are_acked_as_a_whole() {
     );
     // Acked as a whole: nothing back on the queue, nothing dead-lettered.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let (_, left) = topology_counts(&channel, &queue).await;
+    let (_, left) = queue_counts(&channel, &queue).await;
     assert_eq!(left, 0, "the batch message was acked");
     assert!(
         tokio::time::timeout(Duration::from_millis(300), tap.next())
@@ -731,7 +731,7 @@ async fn a_job_waiting_in_a_busy_worker_goes_to_an_idle_one() {
     let first = wait_state(&mut jobs, &first.id, State::Running, T).await;
     let second = submit(&mut jobs, spec("sleep", &queue, json!({"seconds": 3600}))).await;
     let deadline = Instant::now() + T;
-    while topology_counts(&channel, &queue).await.1 > 0 {
+    while queue_counts(&channel, &queue).await.1 > 0 {
         assert!(
             Instant::now() < deadline,
             "the second job was never delivered"
@@ -761,20 +761,4 @@ async fn a_job_waiting_in_a_busy_worker_goes_to_an_idle_one() {
         worker.stop(T).await;
     }
     orchd.stop().await;
-}
-
-/// Messages ready and unacked on `queue` (default namespace).
-async fn topology_counts(channel: &Channel, queue: &str) -> (u32, u32) {
-    let declared = channel
-        .queue_declare(
-            topology::queue_name("default", queue).as_str().into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    (declared.consumer_count(), declared.message_count())
 }

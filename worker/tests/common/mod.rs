@@ -239,3 +239,23 @@ pub async fn wait_terminal(
 pub fn result_json(job: &Job) -> serde_json::Value {
     orchestrator_worker::from_struct(&job.result.clone().unwrap_or_default())
 }
+
+/// The consumers of `queue` (default namespace) and its messages ready for
+/// delivery (not those delivered and unacked), by a passive declare: the
+/// queue must exist.
+pub async fn queue_counts(channel: &lapin::Channel, queue: &str) -> (u32, u32) {
+    let declared = channel
+        .queue_declare(
+            orchestrator::queue::topology::queue_name("default", queue)
+                .as_str()
+                .into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    (declared.consumer_count(), declared.message_count())
+}
