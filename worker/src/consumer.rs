@@ -6,7 +6,9 @@
 //! * undecodable → reject without requeue (it dead-letters to `orch.dead`);
 //! * StartAttempt says RUN → ack at once, then run the attempt (from then on
 //!   the lease, not the broker, protects the job);
-//! * DROP → ack; unknown job (NOT_FOUND) → reject without requeue;
+//! * DROP → ack; unknown job (NOT_FOUND) → reject without requeue (within
+//!   a batch: that dispatch alone goes to the dead-letter exchange as a
+//!   message of its own, and the batch is acked);
 //! * orchd unreachable or failing → requeue after a backoff.
 //!
 //! Since a message is acked when its attempt starts, the prefetch does not
@@ -350,8 +352,13 @@ impl Delivered {
         }
         let mut handled = Vec::with_capacity(dispatches.len());
         let mut rest = Vec::new();
+        let mut unknown = Vec::new();
         for (dispatch, waited) in dispatches.into_iter().zip(waited) {
             match waited {
+                Waited::Handled(Handled::Unknown) if batch => {
+                    unknown.push(dispatch);
+                    handled.push(Handled::Unknown);
+                }
                 Waited::Handled(h) => handled.push(h),
                 _ => rest.push(dispatch),
             }
@@ -378,7 +385,26 @@ impl Delivered {
             reject(&delivery, Some(&label)).await;
             return;
         }
+        self.dead_letter(&delivery, &unknown).await;
         ack(&delivery, &label).await;
+    }
+
+    /// Sends the dispatches of a batch for jobs orchd does not know to the
+    /// dead-letter queue, as a message of their own: what rejecting does
+    /// for a single dispatch, without rejecting the jobs that did start.
+    /// Best effort: orchd has nothing to lose for such a job, so a failed
+    /// publish is only logged.
+    async fn dead_letter(&self, delivery: &Delivery, unknown: &[DispatchMessage]) {
+        let Some(first) = unknown.first() else {
+            return;
+        };
+        let routing_key = delivery.routing_key.as_str();
+        let exchange = topology::DEAD_LETTER_EXCHANGE;
+        if let Err(e) =
+            amqp::publish_dispatches(&self.publisher, exchange, routing_key, unknown).await
+        {
+            tracing::warn!(job_id = %first.job_id, dispatches = unknown.len(), error = %e, "could not dead-letter dispatches for unknown jobs; dropped");
+        }
     }
 
     /// Publishes `rest`, the dispatches of `delivery` that got no slot in
