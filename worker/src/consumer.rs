@@ -363,7 +363,11 @@ impl Delivered {
                 _ => rest.push(dispatch),
             }
         }
-        handled.extend(self.hand_back(&delivery, &rest).await);
+        // When a start failed the whole message goes back to the queue, so
+        // handing the rest back as well would only copy it.
+        if !handled.iter().any(|h| matches!(h, Handled::Failed(_))) {
+            handled.extend(self.hand_back(&delivery, &rest).await);
+        }
         let wait = handled
             .iter()
             .filter_map(|h| match h {
@@ -404,6 +408,9 @@ impl Delivered {
             amqp::publish_dispatches(&self.publisher, exchange, routing_key, unknown).await
         {
             tracing::warn!(job_id = %first.job_id, dispatches = unknown.len(), error = %e, "could not dead-letter dispatches for unknown jobs; dropped");
+            if e.needs_reconnect() {
+                self.broken.cancel();
+            }
         }
     }
 

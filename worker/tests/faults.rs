@@ -184,11 +184,13 @@ async fn a_worker_redeclares_its_deleted_control_queue() {
     drop(rabbit);
 }
 
-/// Injects: a batch message of four `sleep` jobs of 1.5 s to a worker with
-/// one slot, and its queue unbound from the jobs exchange right after the
-/// message was published. The worker starts the first job; the other three
-/// find no slot within the 1 s wait, and the message handing them back is
-/// returned by the broker as unroutable. (The four jobs were submitted to
+/// Injects: a batch message of four `sleep` jobs of 1.5 s to a worker whose
+/// one slot is busy with a 3 s job, and its queue unbound from the jobs
+/// exchange right after the message was published (the batch goes back to
+/// the queue each second while the slot is busy, so nothing is handed back
+/// before the unbind). When the slot frees, the worker starts the first job;
+/// the other three find no slot within the 1 s wait, and the message
+/// handing them back is returned by the broker as unroutable. (The four jobs were submitted to
 /// a queue no one consumes and the batch message is made by hand, so
 /// orchd's own dispatches of them are elsewhere.) Asserts: nothing is lost
 /// or run twice. The worker puts the batch message back on the queue and
@@ -212,6 +214,7 @@ async fn a_batch_whose_rest_cannot_be_handed_back_is_not_lost() {
     );
     // Declared as the worker declares it, so that the passive declares
     // below never race the worker's.
+    topology::declare_base(&channel).await.unwrap();
     topology::declare_job_queue(&channel, "default", &queue)
         .await
         .unwrap();
@@ -227,26 +230,17 @@ async fn a_batch_whose_rest_cannot_be_handed_back_is_not_lost() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
+    let blocker = submit(&mut jobs, spec("sleep", &queue, json!({"seconds": 3.0}))).await;
+    wait_state(&mut jobs, &blocker.id, State::Running, T).await;
     let mut batch = Vec::new();
     for _ in 0..4 {
         batch.push(submit(&mut jobs, spec("sleep", &parked, json!({"seconds": 1.5}))).await);
     }
-    let dispatches: Vec<DispatchMessage> = batch
-        .iter()
-        .map(|job| DispatchMessage {
-            job_id: job.id.clone(),
-            kind: job.kind.clone(),
-            queue: queue.clone(),
-            attempt: 1,
-            namespace: "default".into(),
-            max_attempts: job.max_attempts,
-            ..DispatchMessage::default()
-        })
-        .collect();
-    amqp::publish_dispatches(&channel, topology::JOBS_EXCHANGE, &key, &dispatches)
+    let dispatches: Vec<DispatchMessage> =
+        batch.iter().map(|job| dispatch_for(job, &queue)).collect();
+    publish_by_hand(&channel, &queue, &dispatches)
         .await
         .expect("the batch is published");
-    // The hand-back comes a second after the delivery: unbind before.
     channel
         .queue_unbind(
             name.as_str().into(),
@@ -258,7 +252,7 @@ async fn a_batch_whose_rest_cannot_be_handed_back_is_not_lost() {
         .unwrap();
     // The probe: a duplicate dispatch of the first job (a worker drops it).
     let probe = std::slice::from_ref(&dispatches[0]);
-    let routed = || amqp::publish_dispatches(&channel, topology::JOBS_EXCHANGE, &key, probe);
+    let routed = || publish_by_hand(&channel, &queue, probe);
     assert!(
         matches!(routed().await, Err(amqp::Unconfirmed::Unroutable)),
         "the queue is unbound"

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use common::*;
 use futures::StreamExt;
 use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel};
@@ -347,6 +348,7 @@ async fn poison_messages_are_dead_lettered_and_the_worker_goes_on() {
     let connection = amqp::connect(&orchd.amqp_url, "test-poison").await.unwrap();
     let channel = connection.create_channel().await.unwrap();
     let mut tap = dead_letter_tap(&channel).await;
+    topology::declare_base(&channel).await.unwrap();
     topology::declare_job_queue(&channel, "default", &queue)
         .await
         .unwrap();
@@ -643,8 +645,8 @@ async fn batch_messages_run_each_job_once_and_are_acked_as_a_whole() {
     orchd.stop().await;
 }
 
-/// Sends: a SubmitJobs batch of six `sleep` jobs of an hour (orchd
-/// publishes it as one batch message) to two workers with one slot each.
+/// Sends: one batch message of six `sleep` jobs of an hour to two workers
+/// with one slot each.
 /// Asserts: two of the jobs run at the same time, one on each worker (the
 /// worker that gets the message starts one and hands the other five back
 /// to the queue, where the idle worker takes them; before, the first
@@ -659,16 +661,34 @@ async fn a_batch_of_long_jobs_spreads_over_the_workers() {
     config.concurrency = 1;
     let workers = [Worker::start(config.clone()), Worker::start(config)];
     let mut jobs = orchd.jobs().await;
+    // Submitted to a queue no one consumes, and handed to the workers as
+    // one batch message by hand: orchd could split a SubmitJobs batch when
+    // its dispatcher wakes between two of the jobs.
+    let parked = fresh_queue();
     let batch = jobs
         .submit_jobs(orchestrator::proto::v1::SubmitJobsRequest {
             jobs: (0..6)
-                .map(|_| spec("sleep", &queue, json!({ "seconds": 3600 })))
+                .map(|_| spec("sleep", &parked, json!({ "seconds": 3600 })))
                 .collect(),
         })
         .await
         .unwrap()
         .into_inner()
         .jobs;
+    let connection = amqp::connect(&orchd.amqp_url, "test-spread").await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    topology::declare_base(&channel).await.unwrap();
+    topology::declare_job_queue(&channel, "default", &queue)
+        .await
+        .unwrap();
+    let dispatches: Vec<_> = batch.iter().map(|job| dispatch_for(job, &queue)).collect();
+    publish_by_hand(&channel, &queue, &dispatches)
+        .await
+        .expect("the batch is published");
 
     let deadline = Instant::now() + T;
     let running = loop {
@@ -716,6 +736,7 @@ async fn a_batch_of_long_jobs_spreads_over_the_workers() {
         assert_eq!(state(&done), State::Cancelled, "{done:?}");
         assert!(done.attempt <= 1, "{done:?}");
     }
+    let _ = connection.close(200, "bye".into()).await;
     for worker in workers {
         worker.stop(T).await;
     }
@@ -734,6 +755,11 @@ async fn a_job_waiting_in_a_busy_worker_goes_to_an_idle_one() {
     let queue = fresh_queue();
     let connection = amqp::connect(&orchd.amqp_url, "test-busy").await.unwrap();
     let channel = connection.create_channel().await.unwrap();
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    topology::declare_base(&channel).await.unwrap();
     topology::declare_job_queue(&channel, "default", &queue)
         .await
         .unwrap();
@@ -743,7 +769,14 @@ async fn a_job_waiting_in_a_busy_worker_goes_to_an_idle_one() {
     let mut jobs = orchd.jobs().await;
     let first = submit(&mut jobs, spec("sleep", &queue, json!({"seconds": 3600}))).await;
     let first = wait_state(&mut jobs, &first.id, State::Running, T).await;
-    let second = submit(&mut jobs, spec("sleep", &queue, json!({"seconds": 3600}))).await;
+    // The second job's message is published by hand (the job itself waits on
+    // a queue no one consumes), so that once the broker confirmed it, an
+    // empty queue means the busy worker has it.
+    let parked = fresh_queue();
+    let second = submit(&mut jobs, spec("sleep", &parked, json!({"seconds": 3600}))).await;
+    publish_by_hand(&channel, &queue, &[dispatch_for(&second, &queue)])
+        .await
+        .expect("the second job is published");
     let deadline = Instant::now() + T;
     while queue_counts(&channel, &queue).await.1 > 0 {
         assert!(

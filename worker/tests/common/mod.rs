@@ -259,3 +259,36 @@ pub async fn queue_counts(channel: &lapin::Channel, queue: &str) -> (u32, u32) {
         .unwrap();
     (declared.consumer_count(), declared.message_count())
 }
+
+/// The dispatch orchd would publish for attempt 1 of `job`, addressed to
+/// `queue` (default namespace): for tests that put jobs on a queue no one
+/// consumes and then hand a worker their dispatches themselves.
+pub fn dispatch_for(job: &Job, queue: &str) -> orchestrator::proto::v1::DispatchMessage {
+    orchestrator::proto::v1::DispatchMessage {
+        job_id: job.id.clone(),
+        kind: job.kind.clone(),
+        queue: queue.to_owned(),
+        attempt: 1,
+        namespace: "default".into(),
+        max_attempts: job.max_attempts,
+        ..Default::default()
+    }
+}
+
+/// Publishes `dispatches` to `queue` (default namespace) as one message,
+/// the way orchd does, on `channel` (in confirm mode); returns once the
+/// broker confirmed it.
+pub async fn publish_by_hand(
+    channel: &lapin::Channel,
+    queue: &str,
+    dispatches: &[orchestrator::proto::v1::DispatchMessage],
+) -> Result<(), orchestrator::queue::amqp::Unconfirmed> {
+    let key = orchestrator::queue::topology::routing_key("default", queue);
+    orchestrator::queue::amqp::publish_dispatches(
+        channel,
+        orchestrator::queue::topology::JOBS_EXCHANGE,
+        &key,
+        dispatches,
+    )
+    .await
+}
