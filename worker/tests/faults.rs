@@ -7,7 +7,6 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use lapin::options::ConfirmSelectOptions;
 use lapin::types::FieldTable;
 use orchestrator::proto::v1::{CancelJobRequest, DispatchMessage};
 use orchestrator::queue::{amqp, topology};
@@ -202,22 +201,11 @@ async fn a_batch_whose_rest_cannot_be_handed_back_is_not_lost() {
     let orchd = Orchd::start().await;
     let (queue, parked) = (fresh_queue(), fresh_queue());
     let mut jobs = orchd.jobs().await;
-    let connection = amqp::connect(&orchd.amqp_url, "test-unbind").await.unwrap();
-    let channel = connection.create_channel().await.unwrap();
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
+    let (connection, channel) = hand_over_channel(&orchd, &queue).await;
     let (name, key) = (
         topology::queue_name("default", &queue),
         topology::routing_key("default", &queue),
     );
-    // Declared as the worker declares it, so that the passive declares
-    // below never race the worker's.
-    topology::declare_base(&channel).await.unwrap();
-    topology::declare_job_queue(&channel, "default", &queue)
-        .await
-        .unwrap();
     let mut config = worker_config(&orchd, &queue);
     config.concurrency = 1;
     let worker = Worker::start(config);

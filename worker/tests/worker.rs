@@ -9,8 +9,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use futures::StreamExt;
 use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions,
-    QueueDeclareOptions,
+    BasicConsumeOptions, BasicPublishOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel};
@@ -675,16 +674,7 @@ async fn a_batch_of_long_jobs_spreads_over_the_workers() {
         .unwrap()
         .into_inner()
         .jobs;
-    let connection = amqp::connect(&orchd.amqp_url, "test-spread").await.unwrap();
-    let channel = connection.create_channel().await.unwrap();
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
-    topology::declare_base(&channel).await.unwrap();
-    topology::declare_job_queue(&channel, "default", &queue)
-        .await
-        .unwrap();
+    let (connection, channel) = hand_over_channel(&orchd, &queue).await;
     let dispatches: Vec<_> = batch.iter().map(|job| dispatch_for(job, &queue)).collect();
     publish_by_hand(&channel, &queue, &dispatches)
         .await
@@ -753,16 +743,7 @@ async fn a_batch_of_long_jobs_spreads_over_the_workers() {
 async fn a_job_waiting_in_a_busy_worker_goes_to_an_idle_one() {
     let orchd = Orchd::start().await;
     let queue = fresh_queue();
-    let connection = amqp::connect(&orchd.amqp_url, "test-busy").await.unwrap();
-    let channel = connection.create_channel().await.unwrap();
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
-    topology::declare_base(&channel).await.unwrap();
-    topology::declare_job_queue(&channel, "default", &queue)
-        .await
-        .unwrap();
+    let (connection, channel) = hand_over_channel(&orchd, &queue).await;
     let mut config = worker_config(&orchd, &queue);
     config.concurrency = 1;
     let busy = Worker::start(config.clone());

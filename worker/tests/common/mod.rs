@@ -292,3 +292,24 @@ pub async fn publish_by_hand(
     )
     .await
 }
+
+/// A connection to the test's broker and a channel on it in confirm mode,
+/// with the base topology and `queue` (default namespace) declared as a
+/// worker declares them, for tests that publish dispatches by hand
+/// ([`publish_by_hand`]) and look at the queue ([`queue_counts`]).
+pub async fn hand_over_channel(orchd: &Orchd, queue: &str) -> (lapin::Connection, lapin::Channel) {
+    use orchestrator::queue::{amqp, topology};
+    let connection = amqp::connect(&orchd.amqp_url, "test-by-hand")
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    topology::declare_base(&channel).await.unwrap();
+    topology::declare_job_queue(&channel, "default", queue)
+        .await
+        .unwrap();
+    (connection, channel)
+}
