@@ -174,14 +174,13 @@ impl AmqpQueue {
             self.reset().await;
         }
         Err(match unconfirmed {
-            Unconfirmed::TimedOut => unavailable("no publisher confirm within 10s"),
             Unconfirmed::Unroutable => unavailable(format!(
                 "queue {:?} was not routable",
                 topology::queue_name(namespace, queue)
             )),
-            Unconfirmed::Nacked => unavailable("broker refused the message (nack)"),
-            Unconfirmed::NotRequested => Error::Internal("publisher confirms are off".into()),
+            Unconfirmed::NotRequested => Error::Internal(unconfirmed.to_string()),
             Unconfirmed::Broken(e) => e.into(),
+            Unconfirmed::TimedOut | Unconfirmed::Nacked => unavailable(unconfirmed.to_string()),
         })
     }
 }
@@ -213,7 +212,7 @@ impl std::fmt::Display for Unconfirmed {
         match self {
             Unconfirmed::TimedOut => write!(f, "no publisher confirm within 10s"),
             Unconfirmed::Unroutable => write!(f, "the message was not routable"),
-            Unconfirmed::Nacked => write!(f, "the broker refused the message (nack)"),
+            Unconfirmed::Nacked => write!(f, "broker refused the message (nack)"),
             Unconfirmed::NotRequested => write!(f, "publisher confirms are off"),
             Unconfirmed::Broken(e) => write!(f, "{e}"),
         }

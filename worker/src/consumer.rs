@@ -182,7 +182,7 @@ impl Consumer {
         let ended = loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => break Ended::Shutdown,
-                _ = broken.cancelled() => break Ended::Lost("the channel for handing dispatches back failed".into()),
+                _ = broken.cancelled() => break Ended::Lost("the channel for publishing dispatches back failed".into()),
                 next = deliveries.next() => match next {
                     Some(Ok(delivery)) => {
                         let job = Delivered {
@@ -243,7 +243,8 @@ async fn close(connection: &Connection, channel: &Channel) {
 /// One delivery's handling, up to the ack.
 struct Delivered {
     shared: Arc<Shared>,
-    /// The session's channel for handing dispatches back (confirm mode).
+    /// The session's channel for handing dispatches back and dead-lettering
+    /// them (confirm mode).
     publisher: Channel,
     /// Fired when that channel is in doubt: the session ends and connects
     /// again.
@@ -402,16 +403,28 @@ impl Delivered {
         let Some(first) = unknown.first() else {
             return;
         };
-        let routing_key = delivery.routing_key.as_str();
         let exchange = topology::DEAD_LETTER_EXCHANGE;
-        if let Err(e) =
-            amqp::publish_dispatches(&self.publisher, exchange, routing_key, unknown).await
-        {
+        let routing_key = delivery.routing_key.as_str();
+        if let Err(e) = self.publish(exchange, routing_key, unknown).await {
             tracing::warn!(job_id = %first.job_id, dispatches = unknown.len(), error = %e, "could not dead-letter dispatches for unknown jobs; dropped");
-            if e.needs_reconnect() {
-                self.broken.cancel();
-            }
         }
+    }
+
+    /// Publishes `dispatches` as one message on the session's publishing
+    /// channel; a failure that leaves the channel in doubt ends the session,
+    /// so that the worker connects again.
+    async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        dispatches: &[DispatchMessage],
+    ) -> Result<(), amqp::Unconfirmed> {
+        let published =
+            amqp::publish_dispatches(&self.publisher, exchange, routing_key, dispatches).await;
+        if matches!(&published, Err(e) if e.needs_reconnect()) {
+            self.broken.cancel();
+        }
+        published
     }
 
     /// Publishes `rest`, the dispatches of `delivery` that got no slot in
@@ -422,7 +435,7 @@ impl Delivered {
         // queue's name on the default exchange when an operator moved
         // messages back by hand) leads back to this queue.
         let (exchange, routing_key) = (delivery.exchange.as_str(), delivery.routing_key.as_str());
-        match amqp::publish_dispatches(&self.publisher, exchange, routing_key, rest).await {
+        match self.publish(exchange, routing_key, rest).await {
             Ok(()) => {
                 tracing::debug!(job_id = %first.job_id, dispatches = rest.len(), "no free slot for these; handed them back to the queue");
                 Some(Handled::HandedBack)
@@ -430,9 +443,6 @@ impl Delivered {
             Err(e) => {
                 let wait = self.shared.start_backoff();
                 tracing::warn!(job_id = %first.job_id, dispatches = rest.len(), error = %e, retry_in = ?wait, "could not hand dispatches back; the whole message goes back to the queue");
-                if e.needs_reconnect() {
-                    self.broken.cancel();
-                }
                 Some(Handled::Failed(wait))
             }
         }

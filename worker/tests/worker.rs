@@ -572,43 +572,25 @@ async fn batch_messages_run_each_job_once_and_are_acked_as_a_whole() {
         assert_eq!(completions, 1);
     }
 
-    let connection = amqp::connect(&orchd.amqp_url, "test-batch").await.unwrap();
-    let channel = connection.create_channel().await.unwrap();
+    let (connection, channel) = hand_over_channel(&orchd, &queue).await;
     let mut tap = dead_letter_tap(&channel).await;
     // Hold the next job back from the worker: it is created on a queue no
     // one consumes, and the hand-made batch names it.
     let parked = fresh_queue();
     let fresh = submit(&mut jobs, spec("echo", &parked, json!({"fresh": true}))).await;
-    let dispatch = |id: &str, queue: &str| DispatchMessage {
-        job_id: id.to_owned(),
-        kind: "echo".into(),
-        queue: queue.to_owned(),
-        attempt: 1,
-        published_at: None,
-        namespace: "default".into(),
-        max_attempts: 3,
-    };
     let completed_before = get(&mut jobs, &batch[0].id).await;
     let unknown = uuid::Uuid::new_v4().to_string();
-    let body = message::encode_batch(&[
-        dispatch(&batch[0].id, &queue),
-        dispatch(&unknown, &queue),
-        dispatch(&fresh.id, &queue),
-    ]);
-    channel
-        .basic_publish(
-            topology::JOBS_EXCHANGE.into(),
-            topology::routing_key("default", &queue).as_str().into(),
-            BasicPublishOptions::default(),
-            &body,
-            BasicProperties::default()
-                .with_type(message::BATCH_TYPE.into())
-                .with_message_id("hand-made".into()),
-        )
+    let dispatches = [
+        dispatch_for(&batch[0], &queue),
+        DispatchMessage {
+            job_id: unknown.clone(),
+            ..dispatch_for(&fresh, &queue)
+        },
+        dispatch_for(&fresh, &queue),
+    ];
+    publish_by_hand(&channel, &queue, &dispatches)
         .await
-        .unwrap()
-        .await
-        .unwrap();
+        .expect("the hand-made batch is published");
     let ran = wait_terminal(&mut jobs, &fresh.id, T).await;
     assert_eq!(state(&ran), State::Completed);
     assert_eq!(
