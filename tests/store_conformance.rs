@@ -109,6 +109,7 @@ conformance!(
     case_namespaces_keep_jobs_indexes_and_keys_apart,
     case_attempt_and_namespace_expectations_guard_a_change,
     case_a_blind_apply_writes_what_apply_writes,
+    case_an_apply_without_history_answers_the_job_as_written,
 );
 
 fn new_job(kind: &str, key: &str) -> orchestrator::job::NewJob {
@@ -1015,4 +1016,81 @@ async fn case_a_blind_apply_writes_what_apply_writes(store: Arc<dyn JobStore>) {
             .any(|lease| lease.id == id),
         "the lease is gone with the attempt"
     );
+}
+
+/// The job `store` holds under `id`, without its history.
+async fn stored_without_history(store: &dyn JobStore, id: Uuid) -> orchestrator::proto::v1::Job {
+    let mut job = store.get(id).await.unwrap().unwrap();
+    job.history.clear();
+    job
+}
+
+async fn case_an_apply_without_history_answers_the_job_as_written(store: Arc<dyn JobStore>) {
+    let id = create(&*store, "unhistoried", "").await;
+    let start = |attempt: u32, token: &str| {
+        attempt::start_dispatched(
+            attempt::Dispatched {
+                attempt,
+                max_attempts: 3,
+            },
+            "w",
+            token.into(),
+            Duration::from_secs(30),
+            now_ms(),
+        )
+        .unwrap()
+    };
+    let answered = |applied: Applied| match applied {
+        Applied::Done(job) => *job,
+        other => panic!("not written: {other:?}"),
+    };
+    // A start sets state, attempt, worker, lease and times.
+    let first = answered(
+        store
+            .apply_without_history(id, &start(1, "tok1"))
+            .await
+            .unwrap(),
+    );
+    assert!(first.history.is_empty());
+    assert_eq!(first, stored_without_history(&*store, id).await);
+    assert_eq!(store.get(id).await.unwrap().unwrap().history.len(), 2);
+    // A failed attempt sets the error and the next attempt's time and
+    // clears the worker and the lease.
+    let mut rng = rand::rng();
+    let failed = attempt::fail(&first, Some("tok1"), "boom", false, now_ms(), &mut rng).unwrap();
+    let retrying = answered(store.apply_without_history(id, &failed).await.unwrap());
+    assert_eq!(retrying.state, State::Retrying.to_proto() as i32);
+    assert_eq!((retrying.error.as_str(), retrying.worker_id.as_str()), ("boom", ""));
+    assert!(retrying.next_attempt_at.is_some());
+    assert_eq!(retrying, stored_without_history(&*store, id).await);
+    // The next start clears the next attempt's time, and keeps the error.
+    let second = answered(
+        store
+            .apply_without_history(id, &start(2, "tok2"))
+            .await
+            .unwrap(),
+    );
+    assert_eq!((second.attempt, second.next_attempt_at), (2, None));
+    assert_eq!(second, stored_without_history(&*store, id).await);
+    // Fenced like apply, and nothing changes: a duplicate start conflicts,
+    // an unknown job is not found.
+    let before = store.get(id).await.unwrap().unwrap();
+    assert!(matches!(
+        store
+            .apply_without_history(id, &start(2, "tok3"))
+            .await
+            .unwrap(),
+        Applied::Conflict {
+            actual: State::Running,
+            ..
+        }
+    ));
+    assert_eq!(store.get(id).await.unwrap().unwrap(), before);
+    assert!(matches!(
+        store
+            .apply_without_history(Uuid::new_v4(), &start(1, "tok4"))
+            .await
+            .unwrap(),
+        Applied::NotFound
+    ));
 }

@@ -112,6 +112,7 @@ impl AttemptService {
         let id = validate::job_id(&req.job_id)?;
         worker_id(&req.worker_id)?;
         let lease = lease_of(req.lease, &self.lease)?;
+        let basic = is_basic(req.view)?;
         // The common case in one store round trip: the job is still as it
         // was when the message was published. Anything else is decided on
         // the job as it is, below.
@@ -125,7 +126,7 @@ impl AttemptService {
             attempt::start_dispatched(dispatched, &req.worker_id, token.clone(), lease, now)
         {
             change.expect_namespace = caller.confined_to().map(str::to_owned);
-            match self.store.apply(id, &change).await? {
+            match self.apply_start(id, &change, basic).await? {
                 Applied::Done(job) => {
                     return Ok(started(id, &req.worker_id, *job, token, now, lease));
                 }
@@ -155,7 +156,7 @@ impl AttemptService {
                     });
                 }
             };
-            match self.store.apply(id, &change).await? {
+            match self.apply_start(id, &change, basic).await? {
                 Applied::Done(job) => {
                     return Ok(started(id, &req.worker_id, *job, token, now, lease));
                 }
@@ -166,6 +167,15 @@ impl AttemptService {
         Err(Error::Conflict(format!(
             "job {id} kept changing; try again"
         )))
+    }
+
+    /// Writes a start; a `basic` answer holds the job without its history.
+    async fn apply_start(&self, id: Uuid, change: &Change, basic: bool) -> Result<Applied> {
+        if basic {
+            self.store.apply_without_history(id, change).await
+        } else {
+            self.store.apply(id, change).await
+        }
     }
 
     /// StartAttempts: [`AttemptService::start`] for each request, all at
@@ -232,16 +242,7 @@ impl AttemptService {
     /// FinishAttempt: record the outcome of the attempt holding the lease;
     /// answers the job as `req.view` asks.
     pub async fn finish(&self, req: FinishAttemptRequest, caller: &Caller) -> Result<Job> {
-        let basic = match JobView::try_from(req.view) {
-            Ok(JobView::Basic) => true,
-            Ok(JobView::Unspecified | JobView::Full) => false,
-            Err(_) => {
-                return Err(Error::invalid(
-                    "view",
-                    format!("unknown job view {}", req.view),
-                ));
-            }
-        };
+        let basic = is_basic(req.view)?;
         let job = self.record(req, caller, basic).await?;
         Ok(if basic { basic_view(job) } else { job })
     }
@@ -395,7 +396,16 @@ fn started(
     }
 }
 
-/// The fields of `job` that [`JobView::Basic`] shows.
+/// Whether a request's `view` asks for [`JobView::Basic`].
+fn is_basic(view: i32) -> Result<bool> {
+    match JobView::try_from(view) {
+        Ok(JobView::Basic) => Ok(true),
+        Ok(JobView::Unspecified | JobView::Full) => Ok(false),
+        Err(_) => Err(Error::invalid("view", format!("unknown job view {view}"))),
+    }
+}
+
+/// The fields of `job` that [`JobView::Basic`] shows in a FinishAttempt answer.
 fn basic_view(job: Job) -> Job {
     Job {
         id: job.id,

@@ -1095,6 +1095,74 @@ async fn one_round_trip_starts_and_completions_stay_fenced() {
 }
 
 #[tokio::test]
+async fn a_basic_start_answers_every_field_but_the_history() {
+    let server = TestServer::start().await;
+    let queue = fresh_queue();
+    let mut jobs = server.jobs().await;
+    let mut workers = server.workers().await;
+    let submit = |n: f64| {
+        let mut payload = pbjson_types::Struct::default();
+        payload.fields.insert("n".into(), n.into());
+        SubmitJobRequest {
+            payload: Some(payload),
+            ..spec("echo", &queue)
+        }
+    };
+    let full = jobs
+        .submit_job(submit(1.0))
+        .await
+        .unwrap()
+        .into_inner();
+    let basic = jobs
+        .submit_job(submit(2.0))
+        .await
+        .unwrap()
+        .into_inner();
+    let start = |job: &Job, view: i32| StartAttemptRequest {
+        job_id: job.id.clone(),
+        worker_id: "w-view".into(),
+        attempt: 1,
+        max_attempts: job.max_attempts,
+        view,
+        ..Default::default()
+    };
+    let get = |job: &Job| GetJobRequest {
+        job_id: job.id.clone(),
+    };
+    // An unknown view is refused and starts nothing.
+    let refused = workers.start_attempt(start(&basic, 9)).await.unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(refused.message().contains("view"), "{refused:?}");
+    let created = jobs.get_job(get(&basic)).await.unwrap().into_inner();
+    assert_eq!(created.state, job::State::Created as i32);
+
+    let answered = workers
+        .start_attempt(start(&full, JobView::Unspecified as i32))
+        .await
+        .unwrap()
+        .into_inner()
+        .job
+        .unwrap();
+    assert_eq!(answered, jobs.get_job(get(&full)).await.unwrap().into_inner());
+    assert_eq!(answered.history.len(), 2);
+
+    let answered = workers
+        .start_attempt(start(&basic, JobView::Basic as i32))
+        .await
+        .unwrap()
+        .into_inner()
+        .job
+        .unwrap();
+    let mut stored = jobs.get_job(get(&basic)).await.unwrap().into_inner();
+    assert_eq!(stored.history.len(), 2);
+    stored.history.clear();
+    assert_eq!(answered, stored);
+    assert_eq!(answered.state, job::State::Running as i32);
+    assert_eq!(answered.payload, basic.payload);
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn batched_starts_and_finishes_answer_each_request_on_its_own() {
     use orchestrator::proto::v1::{
         FinishAttemptsRequest, StartAttemptsRequest, finish_attempt_result, start_attempt_result,

@@ -117,12 +117,22 @@ const APPLY_LUA: &str = r#"
 -- ARGV[9] retention score ('' none)
 -- ARGV[10] '<event channel> <writer id>' ('' none): PUBLISH the writer id on the channel
 -- ARGV[11] expected attempt ('' any)  ARGV[12] expected namespace ('' any)
--- ARGV[13] n                          ARGV[14] '1': reply with the job and history
+-- ARGV[13] n
+-- ARGV[14] reply: '' the outcome only; '1' also the job and history as
+--          written; 'p' also the job's fields as they were before the write
+--          (PRE_IMAGE_FIELDS, in that order), for the caller to apply its
+--          own change to: the job without its history, at no extra read
 -- then n field/value pairs to set (the new state among them); then fields
 -- to delete
 -- Every redis.call costs a Lua-to-Redis round of its own, so the guards
 -- read once and the writes to the hash go in one HSET and one HDEL.
-local f = redis.call('HMGET', KEYS[1], 'state', 'ns', 'attempt', 'lease', 'lease_exp', 'id', 'ix')
+local f
+if ARGV[14] == 'p' then
+  f = redis.call('HMGET', KEYS[1], 'state', 'ns', 'attempt', 'lease', 'lease_exp', 'id', 'ix',
+    'base', 'cancel', 'error', 'worker', 'result', 'updated', 'started', 'finished', 'next_at')
+else
+  f = redis.call('HMGET', KEYS[1], 'state', 'ns', 'attempt', 'lease', 'lease_exp', 'id', 'ix')
+end
 local state = f[1]
 if not state then return {-1} end
 local ns = f[2] or 'default'
@@ -151,8 +161,52 @@ if ARGV[10] ~= '' then
   redis.call('PUBLISH', channel, writer)
 end
 if ARGV[14] == '' then return {1} end
+if ARGV[14] == 'p' then return {1, f} end
 return {1, redis.call('HGETALL', KEYS[1]), redis.call('LRANGE', KEYS[2], 0, -1)}
 "#;
+
+/// The hash fields the apply script's `'p'` reply holds, in its order: the
+/// guards it reads anyway, then every field [`decode_job`] reads.
+const PRE_IMAGE_FIELDS: [&str; 16] = [
+    "state",
+    "ns",
+    "attempt",
+    "lease",
+    "lease_exp",
+    "id",
+    "ix",
+    "base",
+    "cancel",
+    "error",
+    "worker",
+    "result",
+    "updated",
+    "started",
+    "finished",
+    "next_at",
+];
+
+/// What the apply script answers besides the outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReadBack {
+    /// Nothing.
+    None,
+    /// The job and its history as written (a read after the write).
+    Full,
+    /// The job's fields before the write; with the change applied to them,
+    /// the job as written without its history.
+    PreImage,
+}
+
+impl ReadBack {
+    fn arg(self) -> &'static str {
+        match self {
+            ReadBack::None => "",
+            ReadBack::Full => "1",
+            ReadBack::PreImage => "p",
+        }
+    }
+}
 
 const CLAIM_DUE_LUA: &str = r#"
 -- KEYS: due. ARGV: now, claim until, limit, job key prefix
@@ -343,11 +397,10 @@ impl RedisStore {
         }
     }
 
-    /// Runs the apply script for `change`; with `read_back`, the reply
-    /// holds the job and its history as written.
-    async fn invoke_apply(&self, id: Uuid, change: &Change, read_back: bool) -> Result<Value> {
-        let id_str = id.to_string();
-        let mut set: Vec<(&str, Vec<u8>)> = Vec::new();
+    /// The hash fields `change` writes and deletes, and its arguments for
+    /// the sorted sets it moves.
+    fn written(&self, change: &Change) -> Written {
+        let mut set: Vec<(&'static str, Vec<u8>)> = Vec::new();
         if let Some(to) = change.to {
             // Written even when unchanged: the script moves the index entry
             // only when the state differs.
@@ -356,7 +409,7 @@ impl RedisStore {
         if !change.silent {
             set.push(("updated", change.at_ms.to_string().into_bytes()));
         }
-        let mut del: Vec<&str> = Vec::new();
+        let mut del: Vec<&'static str> = Vec::new();
         if let Some(attempt) = change.attempt {
             set.push(("attempt", attempt.to_string().into_bytes()));
         }
@@ -413,6 +466,32 @@ impl RedisStore {
             Some(to) if to.is_terminal() => (change.at_ms + self.retention_ms).to_string(),
             _ => String::new(),
         };
+        Written {
+            set,
+            del,
+            lease_arg,
+            due_arg,
+            retention_arg,
+        }
+    }
+
+    /// Runs the apply script for `change`, whose hash writes are `written`;
+    /// the reply holds what `read_back` asks for.
+    async fn invoke_apply(
+        &self,
+        id: Uuid,
+        change: &Change,
+        written: &Written,
+        read_back: ReadBack,
+    ) -> Result<Value> {
+        let id_str = id.to_string();
+        let Written {
+            set,
+            del,
+            lease_arg,
+            due_arg,
+            retention_arg,
+        } = written;
         let mut invocation = self.scripts.apply.key(self.job_key(&id_str));
         invocation
             .key(self.hist_key(&id_str))
@@ -452,11 +531,11 @@ impl RedisStore {
             )
             .arg(change.expect_namespace.as_deref().unwrap_or(""))
             .arg(set.len())
-            .arg(if read_back { "1" } else { "" });
-        for (name, value) in &set {
+            .arg(read_back.arg());
+        for (name, value) in set {
             invocation.arg(*name).arg(value.as_slice());
         }
-        for name in &del {
+        for name in del {
             invocation.arg(*name);
         }
         let mut conn = self.conn.clone();
@@ -529,6 +608,16 @@ fn decode_token(token: &str) -> Result<String> {
     Ok(member)
 }
 
+/// What one change writes: hash fields set and deleted, and the apply
+/// script's arguments for the due-set, the lease set and retention.
+struct Written {
+    set: Vec<(&'static str, Vec<u8>)>,
+    del: Vec<&'static str>,
+    lease_arg: String,
+    due_arg: String,
+    retention_arg: String,
+}
+
 /// A job's hash as HGETALL returns it (a flat field, value, … array),
 /// borrowed from the reply: decoding a job copies no field it does not keep.
 struct Fields<'a>(Vec<(&'a [u8], &'a [u8])>);
@@ -548,6 +637,37 @@ impl<'a> Fields<'a> {
             })
             .collect::<Result<_>>()
             .map(Fields)
+    }
+
+    /// The fields of the apply script's `'p'` reply (nil for a field the
+    /// job lacks), with `written` applied to them: the hash as the script
+    /// left it, as far as [`decode_job`] reads it.
+    fn pre_image_with(reply: &'a Value, written: &'a Written) -> Result<Self> {
+        let Value::Array(values) = reply else {
+            return Err(corrupt("the job's fields are not an array"));
+        };
+        if values.len() != PRE_IMAGE_FIELDS.len() {
+            return Err(corrupt("the job's fields are incomplete"));
+        }
+        let mut fields = Vec::with_capacity(values.len());
+        for (name, value) in PRE_IMAGE_FIELDS.iter().zip(values) {
+            if *value != Value::Nil {
+                fields.push((name.as_bytes(), bulk(value)?));
+            }
+        }
+        let mut fields = Fields(fields);
+        for (name, value) in &written.set {
+            fields.remove(name);
+            fields.0.push((name.as_bytes(), value.as_slice()));
+        }
+        for name in &written.del {
+            fields.remove(name);
+        }
+        Ok(fields)
+    }
+
+    fn remove(&mut self, name: &str) {
+        self.0.retain(|(k, _)| *k != name.as_bytes());
     }
 
     fn is_empty(&self) -> bool {
@@ -779,7 +899,10 @@ impl JobStore for RedisStore {
     }
 
     async fn apply(&self, id: Uuid, change: &Change) -> Result<Applied> {
-        let reply = self.invoke_apply(id, change, true).await?;
+        let written = self.written(change);
+        let reply = self
+            .invoke_apply(id, change, &written, ReadBack::Full)
+            .await?;
         let applied = decode_apply_reply(reply, |rest| {
             let fields = Fields::of(rest.first().ok_or_else(|| corrupt("no job in the reply"))?)?;
             Ok(Box::new(decode_job(&fields, rest.get(1))?))
@@ -803,10 +926,38 @@ impl JobStore for RedisStore {
         if !change.silent && self.subscriber.hub().is_watched(id) {
             return Ok(self.apply(id, change).await?.map(|_| ()));
         }
-        let reply = self.invoke_apply(id, change, false).await?;
+        let written = self.written(change);
+        let reply = self
+            .invoke_apply(id, change, &written, ReadBack::None)
+            .await?;
         let applied = decode_apply_reply(reply, |_| Ok(()))?;
         if matches!(applied, Applied::Done(())) && !change.silent {
             // A watch that began since the check above.
+            self.subscriber.hub().notify(id, || Notice::Reread);
+        }
+        Ok(applied)
+    }
+
+    async fn apply_without_history(&self, id: Uuid, change: &Change) -> Result<Applied> {
+        // A job watched here is read back in full, as in `apply_blind`.
+        if !change.silent && self.subscriber.hub().is_watched(id) {
+            return Ok(self.apply(id, change).await?.map(|mut job| {
+                job.history.clear();
+                job
+            }));
+        }
+        let written = self.written(change);
+        let reply = self
+            .invoke_apply(id, change, &written, ReadBack::PreImage)
+            .await?;
+        let applied = decode_apply_reply(reply, |rest| {
+            let before = rest.first().ok_or_else(|| corrupt("no job in the reply"))?;
+            Ok(Box::new(decode_job(
+                &Fields::pre_image_with(before, &written)?,
+                None,
+            )?))
+        })?;
+        if matches!(applied, Applied::Done(_)) && !change.silent {
             self.subscriber.hub().notify(id, || Notice::Reread);
         }
         Ok(applied)

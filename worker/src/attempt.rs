@@ -118,6 +118,8 @@ pub(crate) async fn start(shared: &Shared, message: &DispatchMessage) -> StartOu
         lease: Some(duration_to_proto(shared.lease)),
         attempt: message.attempt,
         max_attempts: message.max_attempts,
+        // The handler gets the spec and attempt, never the history.
+        view: JobView::Basic as i32,
     };
     let result = shared.starts.call(request).await;
     let outcome = match result {
