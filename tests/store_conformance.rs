@@ -1060,7 +1060,10 @@ async fn case_an_apply_without_history_answers_the_job_as_written(store: Arc<dyn
     let failed = attempt::fail(&first, Some("tok1"), "boom", false, now_ms(), &mut rng).unwrap();
     let retrying = answered(store.apply_without_history(id, &failed).await.unwrap());
     assert_eq!(retrying.state, State::Retrying.to_proto() as i32);
-    assert_eq!((retrying.error.as_str(), retrying.worker_id.as_str()), ("boom", ""));
+    assert_eq!(
+        (retrying.error.as_str(), retrying.worker_id.as_str()),
+        ("boom", "")
+    );
     assert!(retrying.next_attempt_at.is_some());
     assert_eq!(retrying, stored_without_history(&*store, id).await);
     // The next start clears the next attempt's time, and keeps the error.

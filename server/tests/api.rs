@@ -1108,16 +1108,8 @@ async fn a_basic_start_answers_every_field_but_the_history() {
             ..spec("echo", &queue)
         }
     };
-    let full = jobs
-        .submit_job(submit(1.0))
-        .await
-        .unwrap()
-        .into_inner();
-    let basic = jobs
-        .submit_job(submit(2.0))
-        .await
-        .unwrap()
-        .into_inner();
+    let full = jobs.submit_job(submit(1.0)).await.unwrap().into_inner();
+    let basic = jobs.submit_job(submit(2.0)).await.unwrap().into_inner();
     let start = |job: &Job, view: i32| StartAttemptRequest {
         job_id: job.id.clone(),
         worker_id: "w-view".into(),
@@ -1143,7 +1135,10 @@ async fn a_basic_start_answers_every_field_but_the_history() {
         .into_inner()
         .job
         .unwrap();
-    assert_eq!(answered, jobs.get_job(get(&full)).await.unwrap().into_inner());
+    assert_eq!(
+        answered,
+        jobs.get_job(get(&full)).await.unwrap().into_inner()
+    );
     assert_eq!(answered.history.len(), 2);
 
     let answered = workers
