@@ -1,6 +1,6 @@
 //! Consuming dispatches from RabbitMQ: one connection and channel with
 //! manual acks and a prefetch of `--concurrency`, a consumer per job queue,
-//! reconnection with backoff (0.5s doubling to 10s) whenever the broker goes
+//! reconnection with backoff ([`crate::reconnect`]) whenever the broker goes
 //! away, and what to do with each delivery:
 //!
 //! * undecodable → reject without requeue (it dead-letters to `orch.dead`);
@@ -40,6 +40,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::attempt::{self, Shared, StartOutcome};
+use crate::reconnect::Reconnect;
 
 /// What the consumer needs to know.
 #[derive(Debug, Clone)]
@@ -55,8 +56,6 @@ pub(crate) struct ConsumerSettings {
     pub worker_id: String,
 }
 
-const RECONNECT_INITIAL: Duration = Duration::from_millis(500);
-const RECONNECT_MAX: Duration = Duration::from_secs(10);
 /// How long closing the broker connection may take on the way out.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a dispatch waits for a free slot before it goes back to the
@@ -85,22 +84,25 @@ pub(crate) async fn consume(
         pending: TaskTracker::new(),
         shutdown,
     };
-    let mut failures = 0u32;
+    let mut reconnect = Reconnect::default();
     loop {
         if consumer.shutdown.is_cancelled() {
             break;
         }
-        match consumer.session(&mut failures).await {
-            Ok(Ended::Shutdown) => break,
+        let ended = consumer.session(&mut reconnect).await;
+        if let Ok(Ended::Shutdown) = ended {
+            break;
+        }
+        let wait = reconnect.ended();
+        match ended {
             Ok(Ended::Lost(why)) => {
-                tracing::warn!(reason = %why, "rabbitmq consumer ended; reconnecting")
+                tracing::warn!(reason = %why, failures = reconnect.failures(), retry_in = ?wait, "rabbitmq consumer ended; reconnecting")
             }
             Err(e) => {
-                failures += 1;
-                tracing::warn!(error = %e, failures, "cannot consume from rabbitmq; retrying");
+                tracing::warn!(error = %e, failures = reconnect.failures(), retry_in = ?wait, "cannot consume from rabbitmq; retrying");
             }
+            Ok(Ended::Shutdown) => {}
         }
-        let wait = attempt::backoff(failures.max(1), RECONNECT_INITIAL, RECONNECT_MAX);
         tokio::select! {
             _ = consumer.shutdown.cancelled() => break,
             _ = tokio::time::sleep(wait) => {}
@@ -132,7 +134,7 @@ struct Consumer {
 
 impl Consumer {
     /// Connects, declares, consumes; returns when the consumer ends.
-    async fn session(&self, failures: &mut u32) -> orchestrator::Result<Ended> {
+    async fn session(&self, reconnect: &mut Reconnect) -> orchestrator::Result<Ended> {
         let settings = &self.settings;
         let setup = async {
             let name = format!("orch-worker {}", settings.worker_id);
@@ -170,7 +172,7 @@ impl Consumer {
             _ = self.shutdown.cancelled() => return Ok(Ended::Shutdown),
             ready = setup => ready?,
         };
-        *failures = 0;
+        reconnect.established();
         tracing::info!(namespace = %settings.namespace, queues = ?settings.queues, prefetch = settings.concurrency, "consuming from rabbitmq");
 
         let tags: Vec<_> = consumers.iter().map(|c| c.tag()).collect();

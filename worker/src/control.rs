@@ -9,7 +9,7 @@
 //!
 //! Pushes are best effort, so this consumer is never allowed to stop the
 //! worker: when it fails (the broker restarts, an operator deletes the
-//! queue) it reconnects with backoff (0.5s doubling to 10s) on a connection
+//! queue) it reconnects with backoff ([`crate::reconnect`]) on a connection
 //! of its own, while jobs keep running and the heartbeat poll covers the
 //! gap. Its queue is exclusive to that connection, so the broker deletes it
 //! when the worker goes away.
@@ -27,11 +27,9 @@ use orchestrator::queue::{amqp, message, topology};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-use crate::attempt;
 use crate::lease::{Leases, Pushed};
+use crate::reconnect::Reconnect;
 
-const RECONNECT_INITIAL: Duration = Duration::from_millis(500);
-const RECONNECT_MAX: Duration = Duration::from_secs(10);
 /// How long closing the control connection may take on the way out.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -75,19 +73,22 @@ pub(crate) async fn consume_amqp(
     stop: CancellationToken,
 ) {
     let mut ready = Some(ready);
-    let mut failures = 0u32;
+    let mut reconnect = Reconnect::default();
     loop {
-        match session(&leases, &settings, &mut ready, &mut failures, &stop).await {
-            Ok(Ended::Stopped) => return,
+        let ended = session(&leases, &settings, &mut ready, &mut reconnect, &stop).await;
+        if let Ok(Ended::Stopped) = ended {
+            return;
+        }
+        let wait = reconnect.ended();
+        match ended {
             Ok(Ended::Lost(why)) => {
-                tracing::warn!(reason = %why, "control queue consumer ended; reconnecting (cancels reach running jobs through heartbeats meanwhile)")
+                tracing::warn!(reason = %why, failures = reconnect.failures(), retry_in = ?wait, "control queue consumer ended; reconnecting (cancels reach running jobs through heartbeats meanwhile)")
             }
             Err(e) => {
-                failures += 1;
-                tracing::warn!(error = %e, failures, "cannot consume the control queue; retrying (cancels reach running jobs through heartbeats meanwhile)");
+                tracing::warn!(error = %e, failures = reconnect.failures(), retry_in = ?wait, "cannot consume the control queue; retrying (cancels reach running jobs through heartbeats meanwhile)");
             }
+            Ok(Ended::Stopped) => {}
         }
-        let wait = attempt::backoff(failures.max(1), RECONNECT_INITIAL, RECONNECT_MAX);
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}
@@ -106,7 +107,7 @@ async fn session(
     leases: &Leases,
     settings: &ControlSettings,
     ready: &mut Option<oneshot::Sender<()>>,
-    failures: &mut u32,
+    reconnect: &mut Reconnect,
     stop: &CancellationToken,
 ) -> orchestrator::Result<Ended> {
     let setup = async {
@@ -135,7 +136,7 @@ async fn session(
         _ = stop.cancelled() => return Ok(Ended::Stopped),
         ready = setup => ready?,
     };
-    *failures = 0;
+    reconnect.established();
     tracing::info!(queue = %queue, "receiving pushed cancels");
     if let Some(ready) = ready.take() {
         let _ = ready.send(());

@@ -23,6 +23,7 @@ mod consumer;
 mod control;
 mod lease;
 mod memory;
+mod reconnect;
 mod rpc;
 
 use std::sync::Arc;
