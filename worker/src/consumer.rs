@@ -89,20 +89,19 @@ pub(crate) async fn consume(
         if consumer.shutdown.is_cancelled() {
             break;
         }
-        let ended = consumer.session(&mut reconnect).await;
-        if let Ok(Ended::Shutdown) = ended {
-            break;
-        }
-        let wait = reconnect.ended();
-        match ended {
+        let wait = match consumer.session(&mut reconnect).await {
+            Ok(Ended::Shutdown) => break,
             Ok(Ended::Lost(why)) => {
-                tracing::warn!(reason = %why, failures = reconnect.failures(), retry_in = ?wait, "rabbitmq consumer ended; reconnecting")
+                let wait = reconnect.ended();
+                tracing::warn!(reason = %why, failures = reconnect.failures(), retry_in = ?wait, "rabbitmq consumer ended; reconnecting");
+                wait
             }
             Err(e) => {
+                let wait = reconnect.ended();
                 tracing::warn!(error = %e, failures = reconnect.failures(), retry_in = ?wait, "cannot consume from rabbitmq; retrying");
+                wait
             }
-            Ok(Ended::Shutdown) => {}
-        }
+        };
         tokio::select! {
             _ = consumer.shutdown.cancelled() => break,
             _ = tokio::time::sleep(wait) => {}

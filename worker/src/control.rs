@@ -75,20 +75,19 @@ pub(crate) async fn consume_amqp(
     let mut ready = Some(ready);
     let mut reconnect = Reconnect::default();
     loop {
-        let ended = session(&leases, &settings, &mut ready, &mut reconnect, &stop).await;
-        if let Ok(Ended::Stopped) = ended {
-            return;
-        }
-        let wait = reconnect.ended();
-        match ended {
+        let wait = match session(&leases, &settings, &mut ready, &mut reconnect, &stop).await {
+            Ok(Ended::Stopped) => return,
             Ok(Ended::Lost(why)) => {
-                tracing::warn!(reason = %why, failures = reconnect.failures(), retry_in = ?wait, "control queue consumer ended; reconnecting (cancels reach running jobs through heartbeats meanwhile)")
+                let wait = reconnect.ended();
+                tracing::warn!(reason = %why, failures = reconnect.failures(), retry_in = ?wait, "control queue consumer ended; reconnecting (cancels reach running jobs through heartbeats meanwhile)");
+                wait
             }
             Err(e) => {
+                let wait = reconnect.ended();
                 tracing::warn!(error = %e, failures = reconnect.failures(), retry_in = ?wait, "cannot consume the control queue; retrying (cancels reach running jobs through heartbeats meanwhile)");
+                wait
             }
-            Ok(Ended::Stopped) => {}
-        }
+        };
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}
