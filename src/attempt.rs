@@ -79,7 +79,7 @@ pub fn start(
         )));
     }
     state::check(current, State::Running)?;
-    Ok(Ok(start_change(
+    let mut change = start_change(
         current,
         next,
         job.max_attempts,
@@ -88,7 +88,11 @@ pub fn start(
         token,
         lease,
         now_ms,
-    )))
+    );
+    // The decision stands on the attempt read: an attempt that started
+    // (and maybe failed back to RETRYING) since must not be started again.
+    change.expect_attempt = Some(job.attempt);
+    Ok(Ok(change))
 }
 
 /// What a user's cancel does to `job`.
@@ -338,7 +342,24 @@ pub fn cancelled(job: &Job, lease_token: &str, reason: &str, now_ms: i64) -> Res
 /// otherwise FAILED. A job whose cancel was requested becomes CANCELLED
 /// instead of retrying. `lease_token` is `None` for the sweeper, which
 /// fences with the lease expiry instead.
+///
+/// The change expects the cancel request as `job` had it: a user's cancel
+/// written between that read and this write is a conflict, so the caller
+/// reads again and cancels instead of retrying.
 pub fn fail(
+    job: &Job,
+    lease_token: Option<&str>,
+    message: &str,
+    permanent: bool,
+    now_ms: i64,
+    rng: &mut impl Rng,
+) -> Result<Change> {
+    let mut change = fail_decided(job, lease_token, message, permanent, now_ms, rng)?;
+    change.expect_cancel_requested = Some(job.cancel_requested);
+    Ok(change)
+}
+
+fn fail_decided(
     job: &Job,
     lease_token: Option<&str>,
     message: &str,
@@ -512,6 +533,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.to, Some(State::Retrying));
+        assert_eq!(c.expect_cancel_requested, Some(false));
         let Due::At(due) = c.due else {
             panic!("no due time")
         };
@@ -557,6 +579,7 @@ mod tests {
         j.cancel_requested = true;
         let c = fail(&j, Some("t"), "interrupted", false, 0, &mut rng()).unwrap();
         assert_eq!(c.to, Some(State::Cancelled));
+        assert_eq!(c.expect_cancel_requested, Some(true));
     }
 
     #[test]
@@ -566,6 +589,7 @@ mod tests {
         assert_eq!(c.expect_lease_expired_by, Some(5000));
         assert!(c.error.unwrap().contains("worker lost"));
         assert_eq!(c.to, Some(State::Retrying));
+        assert_eq!(c.expect_cancel_requested, Some(false));
     }
 
     // Found by the state machine property tests: the stores read an empty
@@ -610,7 +634,7 @@ mod tests {
     fn a_dispatched_start_is_the_start_of_the_job_it_was_published_for() {
         // For every attempt a dispatch can start, the change built from the
         // message alone equals the one built from the job as it was at
-        // publish time, plus the attempt check that stands in for reading it.
+        // publish time, the attempt check included: both stand on it.
         let lease = Duration::from_secs(30);
         for max in 1..=4 {
             for attempt in 1..=max {
@@ -630,10 +654,9 @@ mod tests {
                     attempt,
                     max_attempts: max,
                 };
-                let mut blind = start_dispatched(dispatched, "w9", "tok".into(), lease, 77)
+                let blind = start_dispatched(dispatched, "w9", "tok".into(), lease, 77)
                     .expect("enough to start blind");
                 assert_eq!(blind.expect_attempt, Some(attempt - 1));
-                blind.expect_attempt = None;
                 assert_eq!(
                     format!("{blind:?}"),
                     format!("{from_job:?}"),

@@ -110,6 +110,7 @@ conformance!(
     case_attempt_and_namespace_expectations_guard_a_change,
     case_a_blind_apply_writes_what_apply_writes,
     case_an_apply_without_history_answers_the_job_as_written,
+    case_a_failure_decided_before_a_cancel_request_conflicts,
 );
 
 fn new_job(kind: &str, key: &str) -> orchestrator::job::NewJob {
@@ -1096,4 +1097,97 @@ async fn case_an_apply_without_history_answers_the_job_as_written(store: Arc<dyn
             .unwrap(),
         Applied::NotFound
     ));
+}
+
+/// A failed attempt's change is decided on a read of the job. A user's
+/// cancel written between that read and the write must not be lost to it:
+/// the change (in each of the three ways a store applies one) conflicts
+/// and writes nothing, and the decision taken on a fresh read cancels.
+async fn case_a_failure_decided_before_a_cancel_request_conflicts(store: Arc<dyn JobStore>) {
+    let id = create(&*store, "work", "").await;
+    let start = attempt::start_dispatched(
+        attempt::Dispatched {
+            attempt: 1,
+            max_attempts: 3,
+        },
+        "w",
+        "tok".into(),
+        Duration::from_secs(30),
+        now_ms(),
+    )
+    .unwrap();
+    assert!(matches!(
+        store.apply(id, &start).await.unwrap(),
+        Applied::Done(_)
+    ));
+    let read = store.get(id).await.unwrap().unwrap();
+    assert!(!read.cancel_requested);
+    let failure = attempt::fail(
+        &read,
+        Some("tok"),
+        "boom",
+        false,
+        now_ms(),
+        &mut rand::rng(),
+    )
+    .unwrap();
+    assert_eq!(failure.to, Some(State::Retrying));
+
+    let attempt::CancelStep::Apply(cancel) = attempt::user_cancel(&read, None, now_ms()).unwrap()
+    else {
+        panic!("a running job's cancel is a write");
+    };
+    assert!(matches!(
+        store.apply(id, &cancel).await.unwrap(),
+        Applied::Done(_)
+    ));
+    let requested = store.get(id).await.unwrap().unwrap();
+    assert!(requested.cancel_requested);
+
+    let stale = Applied::<()>::Conflict {
+        actual: State::Running,
+        lease_mismatch: false,
+    };
+    let outcome = |applied: Applied<()>| format!("{applied:?}");
+    assert_eq!(
+        outcome(store.apply(id, &failure).await.unwrap().map(drop)),
+        outcome(stale.clone())
+    );
+    assert_eq!(
+        outcome(store.apply_blind(id, &failure).await.unwrap()),
+        outcome(stale.clone())
+    );
+    assert_eq!(
+        outcome(
+            store
+                .apply_without_history(id, &failure)
+                .await
+                .unwrap()
+                .map(drop)
+        ),
+        outcome(stale)
+    );
+    let unchanged = store.get(id).await.unwrap().unwrap();
+    assert_eq!(format!("{unchanged:?}"), format!("{requested:?}"));
+
+    let decided_again = attempt::fail(
+        &unchanged,
+        Some("tok"),
+        "boom",
+        false,
+        now_ms(),
+        &mut rand::rng(),
+    )
+    .unwrap();
+    let Applied::Done(cancelled) = store
+        .apply_without_history(id, &decided_again)
+        .await
+        .unwrap()
+    else {
+        panic!("the failure decided on the fresh read applies");
+    };
+    assert_eq!(
+        cancelled.state,
+        orchestrator::proto::v1::job::State::Cancelled as i32
+    );
 }

@@ -443,3 +443,161 @@ fn log_finished(id: Uuid, attempt: u32, to: Option<State>) {
         tracing::info!(job_id = %id, attempt, state = ?to, "attempt finished");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The service's decide-then-write loops when another write lands
+    //! between their read of the job and their own write.
+
+    use std::sync::Mutex;
+
+    use async_trait::async_trait;
+    use futures::stream::BoxStream;
+    use orchestrator::job::NewJob;
+    use orchestrator::proto::v1::{AttemptFailure, SubmitJobRequest};
+    use orchestrator::store::embedded::EmbeddedStore;
+    use orchestrator::store::{Created, DueJob, ExpiredLease, Page, changes::Notice};
+    use orchestrator::validate::{Limits, ListQuery};
+
+    use super::*;
+
+    /// A real (in-memory embedded) store that writes `cut_in` once, just
+    /// before the first change that would take a job to `before`: the
+    /// interleaving a concurrent request could produce.
+    struct CutIn {
+        inner: EmbeddedStore,
+        before: State,
+        cut_in: Mutex<Option<(Uuid, Change)>>,
+    }
+
+    impl CutIn {
+        async fn maybe_cut_in(&self, change: &Change) {
+            if change.to != Some(self.before) {
+                return;
+            }
+            let pending = self.cut_in.lock().unwrap().take();
+            if let Some((id, write)) = pending {
+                let applied = self.inner.apply(id, &write).await.unwrap();
+                assert!(matches!(applied, Applied::Done(_)), "{applied:?}");
+            }
+        }
+    }
+
+    #[async_trait]
+    impl JobStore for CutIn {
+        async fn create(&self, id: Uuid, job: &NewJob, now: i64, due: i64) -> Result<Created> {
+            self.inner.create(id, job, now, due).await
+        }
+        async fn get(&self, id: Uuid) -> Result<Option<Job>> {
+            self.inner.get(id).await
+        }
+        async fn list(&self, query: &ListQuery) -> Result<Page> {
+            self.inner.list(query).await
+        }
+        async fn apply(&self, id: Uuid, change: &Change) -> Result<Applied> {
+            self.maybe_cut_in(change).await;
+            self.inner.apply(id, change).await
+        }
+        async fn claim_due(&self, now: i64, until: i64, limit: usize) -> Result<Vec<DueJob>> {
+            self.inner.claim_due(now, until, limit).await
+        }
+        async fn ack_due(&self, acks: &[(Uuid, i64)]) -> Result<()> {
+            self.inner.ack_due(acks).await
+        }
+        async fn expired_leases(&self, now: i64, limit: usize) -> Result<Vec<ExpiredLease>> {
+            self.inner.expired_leases(now, limit).await
+        }
+        async fn purge_expired(&self, now: i64, limit: usize) -> Result<usize> {
+            self.inner.purge_expired(now, limit).await
+        }
+        async fn changes(&self, id: Uuid) -> Result<BoxStream<'static, Notice>> {
+            self.inner.changes(id).await
+        }
+        async fn namespaces(&self) -> Result<Vec<String>> {
+            self.inner.namespaces().await
+        }
+        async fn ping(&self) -> Result<()> {
+            self.inner.ping().await
+        }
+    }
+
+    /// A job RUNNING attempt 1 of 3 under lease `tok` (expiring after
+    /// `lease`), and a service whose store writes the job's cancel request
+    /// just before the first change to RETRYING.
+    async fn running_with_a_cancel_cutting_in(lease: Duration) -> (AttemptService, Uuid) {
+        let inner = EmbeddedStore::in_memory(Duration::from_secs(3600)).unwrap();
+        let id = Uuid::new_v4();
+        let spec = SubmitJobRequest {
+            kind: "work".into(),
+            max_attempts: 3,
+            ..SubmitJobRequest::default()
+        };
+        let new = validate::submit(&spec, &Limits::default()).unwrap();
+        inner.create(id, &new, now_ms(), now_ms()).await.unwrap();
+        let dispatched = attempt::Dispatched {
+            attempt: 1,
+            max_attempts: 3,
+        };
+        let start = attempt::start_dispatched(dispatched, "w", "tok".into(), lease, now_ms());
+        let started = inner.apply(id, &start.unwrap()).await.unwrap();
+        let Applied::Done(running) = started else {
+            panic!("started: {started:?}");
+        };
+        let attempt::CancelStep::Apply(cancel) =
+            attempt::user_cancel(&running, Some("alice"), now_ms()).unwrap()
+        else {
+            panic!("a running job's cancel is a write");
+        };
+        let store = CutIn {
+            inner,
+            before: State::Retrying,
+            cut_in: Mutex::new(Some((id, *cancel))),
+        };
+        let service = AttemptService::new(Arc::new(store), LeaseConfig::default());
+        (service, id)
+    }
+
+    // Injected: a user's cancel request written after FinishAttempt read the
+    // job (no cancel requested, attempts left) and before it wrote RETRYING.
+    // Asserted: the job ends CANCELLED, not RETRYING with a new attempt due.
+    #[tokio::test]
+    async fn a_failure_racing_a_cancel_request_cancels_the_job() {
+        let (service, id) = running_with_a_cancel_cutting_in(Duration::from_secs(30)).await;
+        let failed = FinishAttemptRequest {
+            job_id: id.to_string(),
+            lease_token: "tok".into(),
+            outcome: Some(Outcome::Failed(AttemptFailure {
+                message: "boom".into(),
+                permanent: false,
+            })),
+            ..FinishAttemptRequest::default()
+        };
+        let job = service.finish(failed, &Caller::anonymous()).await.unwrap();
+        assert_eq!(job_state(&job), Some(State::Cancelled), "{job:?}");
+        assert!(job.cancel_requested);
+        assert!(job.next_attempt_at.is_none(), "{job:?}");
+        let stored = service.store.get(id).await.unwrap().unwrap();
+        assert_eq!(job_state(&stored), Some(State::Cancelled));
+    }
+
+    // Injected: the same cancel request, written after the sweeper read a
+    // job whose lease expired and before it wrote "worker lost" (RETRYING).
+    // Asserted: that sweep recovers nothing and leaves the cancel request;
+    // the next sweep cancels the job instead of retrying it.
+    #[tokio::test]
+    async fn a_sweep_racing_a_cancel_request_cancels_the_job() {
+        let (service, id) = running_with_a_cancel_cutting_in(Duration::ZERO).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert_eq!(service.sweep(10).await.unwrap(), 0);
+        let after_first = service.store.get(id).await.unwrap().unwrap();
+        assert_eq!(job_state(&after_first), Some(State::Running));
+        assert!(after_first.cancel_requested);
+        assert_eq!(service.sweep(10).await.unwrap(), 1);
+        let after_second = service.store.get(id).await.unwrap().unwrap();
+        assert_eq!(
+            job_state(&after_second),
+            Some(State::Cancelled),
+            "{after_second:?}"
+        );
+    }
+}

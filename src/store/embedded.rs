@@ -509,6 +509,13 @@ impl<'t> Tables<'t> {
         if change.expect_attempt.is_some_and(|a| a != attempt) {
             return conflict(false);
         }
+        let cancel_requested = record.job()?.cancel_requested;
+        if change
+            .expect_cancel_requested
+            .is_some_and(|c| c != cancel_requested)
+        {
+            return conflict(false);
+        }
         // An empty expected token means "any", as in the Redis store, whose
         // scripts cannot tell it from an absent one.
         if let Some(token) = change.expect_lease.as_deref().filter(|t| !t.is_empty())

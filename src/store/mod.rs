@@ -74,6 +74,11 @@ pub struct Change {
     /// Only apply when the lease expired at or before this time (epoch ms):
     /// the sweeper's guard against a heartbeat that just renewed it.
     pub expect_lease_expired_by: Option<i64>,
+    /// Only apply while the job's cancel request is in this state: a
+    /// decision taken on a read of the job (a failed attempt retries only
+    /// when no cancel was requested) must not overwrite a request written
+    /// since that read.
+    pub expect_cancel_requested: Option<bool>,
     /// The new state; equal to `expect` for updates within a state.
     pub to: Option<State>,
     /// When the change happens (epoch ms).

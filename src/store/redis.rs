@@ -122,6 +122,7 @@ const APPLY_LUA: &str = r#"
 --          written; 'p' also the job's fields as they were before the write
 --          (PRE_IMAGE_FIELDS, in that order), for the caller to apply its
 --          own change to: the job without its history, at no extra read
+-- ARGV[15] expected cancel request: '' any, '1' requested, '0' not
 -- then n field/value pairs to set (the new state among them); then fields
 -- to delete
 -- Every redis.call costs a Lua-to-Redis round of its own, so the guards
@@ -131,7 +132,8 @@ if ARGV[14] == 'p' then
   f = redis.call('HMGET', KEYS[1], 'state', 'ns', 'attempt', 'lease', 'lease_exp', 'id', 'ix',
     'base', 'cancel', 'error', 'worker', 'result', 'updated', 'started', 'finished', 'next_at')
 else
-  f = redis.call('HMGET', KEYS[1], 'state', 'ns', 'attempt', 'lease', 'lease_exp', 'id', 'ix')
+  f = redis.call('HMGET', KEYS[1], 'state', 'ns', 'attempt', 'lease', 'lease_exp', 'id', 'ix',
+    'cancel')
 end
 local state = f[1]
 if not state then return {-1} end
@@ -141,6 +143,9 @@ if ARGV[1] ~= '' and state ~= ARGV[1] then return {0, state, 0} end
 if ARGV[11] ~= '' and (f[3] or '0') ~= ARGV[11] then return {0, state, 0} end
 if ARGV[2] ~= '' and f[4] ~= ARGV[2] then return {0, state, 1} end
 if ARGV[3] ~= '' and tonumber(f[5] or '0') > tonumber(ARGV[3]) then return {0, state, 1} end
+if ARGV[15] ~= '' and (f[ARGV[14] == 'p' and 9 or 8] or '0') ~= ARGV[15] then
+  return {0, state, 0}
+end
 local id = f[6]
 if ARGV[4] ~= '' and ARGV[4] ~= state then
   local sx = ARGV[5] .. ns .. ':state:'
@@ -153,8 +158,8 @@ elseif ARGV[7] ~= '' then redis.call('ZADD', KEYS[3], ARGV[7], id) end
 if ARGV[8] == '-' then redis.call('ZREM', KEYS[4], id)
 elseif ARGV[8] ~= '' then redis.call('ZADD', KEYS[4], ARGV[8], id) end
 if ARGV[9] ~= '' then redis.call('ZADD', KEYS[5], ARGV[9], id) end
-local last = 14 + 2 * tonumber(ARGV[13])
-if last > 14 then redis.call('HSET', KEYS[1], unpack(ARGV, 15, last)) end
+local last = 15 + 2 * tonumber(ARGV[13])
+if last > 15 then redis.call('HSET', KEYS[1], unpack(ARGV, 16, last)) end
 if #ARGV > last then redis.call('HDEL', KEYS[1], unpack(ARGV, last + 1)) end
 if ARGV[10] ~= '' then
   local channel, writer = string.match(ARGV[10], '^(.*) ([^ ]*)$')
@@ -531,7 +536,12 @@ impl RedisStore {
             )
             .arg(change.expect_namespace.as_deref().unwrap_or(""))
             .arg(set.len())
-            .arg(read_back.arg());
+            .arg(read_back.arg())
+            .arg(match change.expect_cancel_requested {
+                None => "",
+                Some(true) => "1",
+                Some(false) => "0",
+            });
         for (name, value) in set {
             invocation.arg(*name).arg(value.as_slice());
         }
