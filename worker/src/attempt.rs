@@ -90,11 +90,13 @@ pub(crate) fn backoff(n: u32, initial: Duration, max: Duration) -> Duration {
     base.mul_f64(rand::rng().random_range(0.8..=1.2))
 }
 
-/// A started attempt: the job as orchd recorded it and the lease token.
+/// A started attempt: the job as orchd recorded it, the lease token, and
+/// when the lease runs out unless renewed.
 #[derive(Debug)]
 pub(crate) struct Started {
     pub job: Job,
     pub lease_token: String,
+    pub lease_until: tokio::time::Instant,
 }
 
 /// orchd's answer to StartAttempt, as the consumer acts on it.
@@ -121,6 +123,8 @@ pub(crate) async fn start(shared: &Shared, message: &DispatchMessage) -> StartOu
         // The handler gets the spec and attempt, never the history.
         view: JobView::Basic as i32,
     };
+    // Taken before the call: orchd counts the lease from when it got it.
+    let lease_until = tokio::time::Instant::now() + shared.lease;
     let result = shared.starts.call(request).await;
     let outcome = match result {
         Ok(response) => match Decision::try_from(response.decision) {
@@ -128,6 +132,7 @@ pub(crate) async fn start(shared: &Shared, message: &DispatchMessage) -> StartOu
                 StartOutcome::Run(Box::new(Started {
                     job: response.job.unwrap_or_default(),
                     lease_token: response.lease_token,
+                    lease_until,
                 }))
             }
             Ok(Decision::Drop) => StartOutcome::Drop(response.reason),
@@ -280,9 +285,14 @@ pub(crate) fn decide(end: HandlerEnd, reason: Option<StopReason>, lost: bool) ->
 
 /// Runs a started attempt to its end and reports it.
 pub(crate) async fn run(shared: Arc<Shared>, started: Started) {
-    let Started { job, lease_token } = started;
+    let Started {
+        job,
+        lease_token,
+        lease_until,
+    } = started;
     let job_id = job.id.clone();
     let control = Arc::new(AttemptControl::default());
+    control.held_until(lease_until);
     shared
         .leases
         .insert(&job_id, job.attempt, &lease_token, control.clone());

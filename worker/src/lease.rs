@@ -25,6 +25,13 @@
 //! records the attempt as RUNNING before this worker has registered it), so
 //! a push for an attempt not registered here is remembered for a while and
 //! checked if that attempt registers.
+//!
+//! Each attempt also keeps the time its lease runs out as far as this worker
+//! knows: when the start or the last renewal orchd answered was sent, plus
+//! the lease asked for (orchd grants exactly that or refuses). A worker cut
+//! off from orchd cannot renew, and once that time passes orchd may give the
+//! job to another worker; so the lease watchdog stops the attempt then, as
+//! lost, instead of letting it run beside the next one.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,6 +41,7 @@ use std::time::{Duration, Instant};
 use orchestrator::job::duration_to_proto;
 use orchestrator::proto::v1::{HeartbeatRequest, Lease, LeaseStatus};
 use tokio::sync::Notify;
+use tokio::time::Instant as Deadline;
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
@@ -58,6 +66,8 @@ pub(crate) struct AttemptControl {
     pub token: CancellationToken,
     reason: Mutex<Option<StopReason>>,
     lost: AtomicBool,
+    /// When the lease runs out unless renewed (`None`: not known yet).
+    lease_until: Mutex<Option<Deadline>>,
 }
 
 impl AttemptControl {
@@ -86,6 +96,25 @@ impl AttemptControl {
     /// Whether the lease was lost.
     pub fn is_lost(&self) -> bool {
         self.lost.load(Ordering::SeqCst)
+    }
+
+    /// Records that orchd holds the lease until at least `until`. Answers
+    /// can arrive out of order, so an earlier time never replaces a later.
+    pub fn held_until(&self, until: Deadline) {
+        let mut current = self
+            .lease_until
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if current.is_none_or(|c| c < until) {
+            *current = Some(until);
+        }
+    }
+
+    fn lease_until(&self) -> Option<Deadline> {
+        *self
+            .lease_until
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -119,6 +148,8 @@ pub(crate) struct Leases {
     added: Notify,
     /// Woken when a check is queued.
     check_now: Notify,
+    /// Woken when an attempt registers, for the lease watchdog.
+    armed: Notify,
 }
 
 /// One registered attempt, as the heartbeat loop sees it.
@@ -188,6 +219,7 @@ impl Leases {
             old.control.lose();
         }
         self.added.notify_one();
+        self.armed.notify_one();
     }
 
     /// Unregisters an attempt (only if it still holds `lease_token`).
@@ -266,10 +298,51 @@ impl Leases {
     pub fn len(&self) -> usize {
         self.lock().running.len()
     }
+
+    /// Stops, as lost, every attempt whose lease ran out by `now` without a
+    /// renewal; answers the earliest time a lease still held runs out.
+    fn give_up_run_out(&self, now: Deadline) -> Option<Deadline> {
+        let mut earliest: Option<Deadline> = None;
+        for held in self.snapshot() {
+            let Some(until) = held.control.lease_until() else {
+                continue;
+            };
+            if held.control.is_lost() {
+                continue;
+            }
+            if until <= now {
+                tracing::warn!(job_id = %held.job_id, "lease ran out without a renewal (orchd unreachable?); stopping the attempt, which orchd may give to another worker now");
+                held.control.lose();
+            } else {
+                earliest = Some(earliest.map_or(until, |e| e.min(until)));
+            }
+        }
+        earliest
+    }
 }
 
-/// Applies one Heartbeat answer to the attempts it was sent for.
-pub(crate) fn apply(sent: &[Held], statuses: &[LeaseStatus]) {
+/// The lease watchdog: sleeps until the earliest time a registered lease
+/// runs out and stops the attempts whose lease was not renewed by then.
+async fn watch_lease_deadlines(leases: &Leases, stop: &CancellationToken) {
+    loop {
+        let earliest = leases.give_up_run_out(Deadline::now());
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = leases.armed.notified() => {}
+            _ = async {
+                match earliest {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            } => {}
+        }
+    }
+}
+
+/// Applies one Heartbeat answer to the attempts it was sent for; a lease
+/// still held is held until `renewed_until` (when the call was sent plus
+/// the lease it asked for).
+pub(crate) fn apply(sent: &[Held], statuses: &[LeaseStatus], renewed_until: Deadline) {
     let by_job: HashMap<&str, &LeaseStatus> =
         statuses.iter().map(|s| (s.job_id.as_str(), s)).collect();
     for held in sent {
@@ -283,10 +356,13 @@ pub(crate) fn apply(sent: &[Held], statuses: &[LeaseStatus]) {
             }
             held.control.lose();
         } else if status.cancel_requested {
+            held.control.held_until(renewed_until);
             if held.control.reason().is_none() {
                 tracing::info!(job_id = %held.job_id, "cancel requested; stopping the handler");
             }
             held.control.stop(StopReason::CancelRequested);
+        } else {
+            held.control.held_until(renewed_until);
         }
     }
 }
@@ -309,13 +385,26 @@ impl HeartbeatSettings {
     }
 }
 
-/// Renews the leases of all running attempts until `stop`, and checks the
-/// attempts pushes named as soon as they are queued.
+/// Renews the leases of all running attempts until `stop`, checks the
+/// attempts pushes named as soon as they are queued, and stops the attempts
+/// whose lease ran out unrenewed.
 pub(crate) async fn run_heartbeats(
-    mut client: Client,
+    client: Client,
     leases: Arc<Leases>,
     settings: HeartbeatSettings,
     stop: CancellationToken,
+) {
+    tokio::join!(
+        renew_leases(client, &leases, &settings, &stop),
+        watch_lease_deadlines(&leases, &stop),
+    );
+}
+
+async fn renew_leases(
+    mut client: Client,
+    leases: &Leases,
+    settings: &HeartbeatSettings,
+    stop: &CancellationToken,
 ) {
     let mut failures: u32 = 0;
     loop {
@@ -337,7 +426,7 @@ pub(crate) async fn run_heartbeats(
                     if checked.is_empty() {
                         continue;
                     }
-                    if let Err(status) = renew(&mut client, &settings, &checked).await {
+                    if let Err(status) = renew(&mut client, settings, &checked).await {
                         for held in &checked {
                             tracing::warn!(job_id = %held.job_id, code = ?status.code(), error = %status.message(), "checking a pushed cancel failed; the heartbeat poll will see it");
                         }
@@ -349,7 +438,7 @@ pub(crate) async fn run_heartbeats(
         if sent.is_empty() {
             continue;
         }
-        match renew(&mut client, &settings, &sent).await {
+        match renew(&mut client, settings, &sent).await {
             Ok(()) => {
                 if failures > 0 {
                     tracing::info!(failures, "heartbeats work again");
@@ -387,18 +476,24 @@ async fn renew(
         job_id: held.job_id.clone(),
         ..LeaseStatus::default()
     };
+    // Taken before the call: orchd counts the lease from when it got the
+    // call, never earlier.
+    let renewed_until = Deadline::now() + settings.lease;
     match heartbeat(client, settings, sent).await {
-        Ok(statuses) => apply(sent, &statuses),
+        Ok(statuses) => apply(sent, &statuses, renewed_until),
         Err(status) if status.code() == Code::FailedPrecondition => {
             if let [held] = sent {
-                apply(sent, &[lost(held)]);
+                apply(sent, &[lost(held)], renewed_until);
                 return Ok(());
             }
             for held in sent {
                 let one = std::slice::from_ref(held);
+                let renewed_until = Deadline::now() + settings.lease;
                 match heartbeat(client, settings, one).await {
-                    Ok(statuses) => apply(one, &statuses),
-                    Err(s) if s.code() == Code::FailedPrecondition => apply(one, &[lost(held)]),
+                    Ok(statuses) => apply(one, &statuses, renewed_until),
+                    Err(s) if s.code() == Code::FailedPrecondition => {
+                        apply(one, &[lost(held)], renewed_until)
+                    }
                     Err(s) => {
                         tracing::warn!(job_id = %held.job_id, code = ?s.code(), error = %s.message(), "heartbeat failed")
                     }
@@ -456,6 +551,7 @@ mod tests {
     #[test]
     fn answers_become_signals() {
         let sent = vec![held("a"), held("b"), held("c"), held("d")];
+        let until = Deadline::now() + Duration::from_secs(30);
         apply(
             &sent,
             &[
@@ -463,6 +559,7 @@ mod tests {
                 status("b", false, false),
                 status("c", true, true),
             ],
+            until,
         );
         let [a, b, c, d] = &sent[..] else {
             unreachable!()
@@ -472,6 +569,67 @@ mod tests {
         assert_eq!(c.control.reason(), Some(StopReason::CancelRequested));
         assert!(c.control.token.is_cancelled() && !c.control.is_lost());
         assert!(!d.control.token.is_cancelled(), "no answer, no signal");
+        // A lease still held is held until the renewal's time; a lost one
+        // and one without an answer learn nothing.
+        assert_eq!(a.control.lease_until(), Some(until));
+        assert_eq!(c.control.lease_until(), Some(until));
+        assert_eq!(b.control.lease_until(), None);
+        assert_eq!(d.control.lease_until(), None);
+        // An answer that arrives late never moves the time back.
+        a.control.held_until(until - Duration::from_secs(5));
+        assert_eq!(a.control.lease_until(), Some(until));
+    }
+
+    // Injected: no renewal reaches orchd for one attempt (the worker cut off
+    // from it) while another's renewals are answered. Asserted, on a paused
+    // clock: the unrenewed attempt is stopped as lost when its lease runs
+    // out, not before; the renewed one runs on until its own renewed lease
+    // runs out; an attempt with no known lease time is left alone.
+    #[tokio::test(start_paused = true)]
+    async fn an_attempt_whose_lease_ran_out_unrenewed_is_stopped_as_lost() {
+        let lease = Duration::from_secs(30);
+        let leases = Arc::new(Leases::default());
+        let stop = CancellationToken::new();
+        let started = Deadline::now();
+        let [renewed, cut_off, unknown] =
+            ["renewed", "cut-off", "unknown"].map(|_| Arc::new(AttemptControl::default()));
+        renewed.held_until(started + lease);
+        cut_off.held_until(started + lease);
+        leases.insert("renewed", 1, "t1", renewed.clone());
+        leases.insert("cut-off", 1, "t2", cut_off.clone());
+        leases.insert("unknown", 1, "t3", unknown.clone());
+        let watchdog = tokio::spawn({
+            let (leases, stop) = (leases.clone(), stop.clone());
+            async move { watch_lease_deadlines(&leases, &stop).await }
+        });
+
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        let sent: Vec<Held> = leases
+            .snapshot()
+            .into_iter()
+            .filter(|h| h.job_id == "renewed")
+            .collect();
+        apply(
+            &sent,
+            &[status("renewed", true, false)],
+            Deadline::now() + lease,
+        );
+
+        tokio::time::sleep(Duration::from_millis(9_900)).await;
+        assert!(
+            !cut_off.is_lost() && !cut_off.token.is_cancelled(),
+            "29.9 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(cut_off.is_lost() && cut_off.token.is_cancelled(), "30.1 s");
+        assert!(!renewed.token.is_cancelled(), "renewed at 20 s until 50 s");
+
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        assert!(renewed.is_lost() && renewed.token.is_cancelled(), "50.1 s");
+        assert!(!unknown.token.is_cancelled());
+
+        stop.cancel();
+        watchdog.await.unwrap();
     }
 
     #[test]
@@ -547,11 +705,15 @@ mod tests {
         );
 
         // orchd says nobody cancelled the job (a forged push): it runs on.
-        apply(&sent, &[status("j", true, false)]);
+        apply(&sent, &[status("j", true, false)], Deadline::now());
         assert!(!control.token.is_cancelled());
         // The next push is checked again; this time orchd has the cancel.
         assert_eq!(leases.cancel_pushed("j", 2), Pushed::Checking);
-        apply(&leases.take_checks(), &[status("j", true, true)]);
+        apply(
+            &leases.take_checks(),
+            &[status("j", true, true)],
+            Deadline::now(),
+        );
         assert_eq!(control.reason(), Some(StopReason::CancelRequested));
         assert!(!control.is_lost());
         assert_eq!(leases.cancel_pushed("j", 2), Pushed::AlreadyStopping);
