@@ -1,7 +1,8 @@
 //! Consuming dispatches from RabbitMQ: one connection and channel with
 //! manual acks and a prefetch of `--concurrency`, a consumer per job queue,
 //! reconnection with backoff ([`crate::reconnect`]) whenever the broker goes
-//! away, and what to do with each delivery:
+//! away or cancels any one of the consumers (an operator deleted its queue:
+//! reconnecting declares it again), and what to do with each delivery:
 //!
 //! * undecodable → reject without requeue (it dead-letters to `orch.dead`);
 //! * StartAttempt says RUN → ack at once, then run the attempt (from then on
@@ -118,6 +119,16 @@ enum Ended {
     Lost(String),
 }
 
+/// An item of a session's consumers, merged.
+// Nearly every item is a delivery: boxing it to shrink the rare end marker
+// would cost an allocation per message.
+#[allow(clippy::large_enum_variant)]
+enum Consumed {
+    Delivery(lapin::Result<Delivery>),
+    /// The consumer of this queue (its RabbitMQ name) ended.
+    Ended(String),
+}
+
 /// The consuming side of the worker.
 struct Consumer {
     shared: Arc<Shared>,
@@ -155,15 +166,16 @@ impl Consumer {
             let ns = settings.namespace.as_str();
             for queue in &settings.queues {
                 topology::declare_job_queue(&channel, ns, queue).await?;
+                let name = topology::queue_name(ns, queue);
                 let consumer = channel
                     .basic_consume(
-                        topology::queue_name(ns, queue).as_str().into(),
+                        name.as_str().into(),
                         format!("{}.{queue}", settings.worker_id).as_str().into(),
                         BasicConsumeOptions::default(),
                         FieldTable::default(),
                     )
                     .await?;
-                consumers.push(consumer);
+                consumers.push((name, consumer));
             }
             Ok::<_, orchestrator::Error>((connection, channel, publisher, consumers))
         };
@@ -174,8 +186,17 @@ impl Consumer {
         reconnect.established();
         tracing::info!(namespace = %settings.namespace, queues = ?settings.queues, prefetch = settings.concurrency, "consuming from rabbitmq");
 
-        let tags: Vec<_> = consumers.iter().map(|c| c.tag()).collect();
-        let mut deliveries = futures::stream::select_all(consumers);
+        let tags: Vec<_> = consumers.iter().map(|(_, c)| c.tag()).collect();
+        // select_all drops a stream that ends and goes on with the others,
+        // so each consumer's end is made an item of its own: the broker
+        // cancelling any one consumer (its queue deleted, its node down)
+        // must end the session, whose reconnect declares and consumes every
+        // queue again.
+        let mut deliveries =
+            futures::stream::select_all(consumers.into_iter().map(|(queue, consumer)| {
+                let end = futures::stream::once(futures::future::ready(Consumed::Ended(queue)));
+                consumer.map(Consumed::Delivery).chain(end)
+            }));
         // Fired when this session ends: deliveries still waiting for a slot
         // give up (the broker requeues them when the channel closes or died).
         let gone = CancellationToken::new();
@@ -185,7 +206,7 @@ impl Consumer {
                 _ = self.shutdown.cancelled() => break Ended::Shutdown,
                 _ = broken.cancelled() => break Ended::Lost("the channel for publishing dispatches back failed".into()),
                 next = deliveries.next() => match next {
-                    Some(Ok(delivery)) => {
+                    Some(Consumed::Delivery(Ok(delivery))) => {
                         let job = Delivered {
                             shared: self.shared.clone(),
                             publisher: publisher.clone(),
@@ -196,8 +217,10 @@ impl Consumer {
                         };
                         self.pending.spawn(job.handle(delivery));
                     }
-                    Some(Err(e)) => break Ended::Lost(e.to_string()),
-                    None => break Ended::Lost("the broker cancelled the consumer".into()),
+                    Some(Consumed::Delivery(Err(e))) => break Ended::Lost(e.to_string()),
+                    Some(Consumed::Ended(queue)) => break Ended::Lost(format!("the broker cancelled the consumer of {queue} (was the queue deleted?)")),
+                    // Only with no queue at all: each consumer's end comes first.
+                    None => break Ended::Lost("no consumer left".into()),
                 },
             }
         };

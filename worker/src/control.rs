@@ -60,6 +60,8 @@ pub(crate) fn apply(leases: &Leases, msg: &ControlMessage) {
 #[derive(Debug, Clone)]
 pub(crate) struct ControlSettings {
     pub amqp_url: String,
+    /// TLS settings of an `amqps://` URL, the job consumer's.
+    pub amqp_tls: lapin::tcp::OwnedTLSConfig,
     pub worker_id: String,
 }
 
@@ -111,7 +113,8 @@ async fn session(
 ) -> orchestrator::Result<Ended> {
     let setup = async {
         let name = format!("orch-worker {} control", settings.worker_id);
-        let connection = amqp::connect(&settings.amqp_url, &name).await?;
+        let connection =
+            amqp::connect_with_tls(&settings.amqp_url, &name, &settings.amqp_tls).await?;
         let channel = connection.create_channel().await?;
         topology::declare_base(&channel).await?;
         let queue = topology::declare_control_queue(&channel, &settings.worker_id).await?;

@@ -83,6 +83,16 @@ pub async fn run_from(
     } else {
         config.validate()?;
     }
+    // Built once for both of the worker's broker connections (jobs and
+    // control): a custom CA that only one of them used would leave the
+    // other unable to connect.
+    let amqp_tls = match source {
+        Source::Rabbitmq => {
+            orchestrator::tls::amqp_tls(&config.amqp_url, config.amqp_ca_cert.as_deref())
+                .map_err(|e| WorkerError::Config(e.to_string()))?
+        }
+        Source::InProcess(_) => lapin::tcp::OwnedTLSConfig::default(),
+    };
     let worker_id = config.new_worker_id();
     let client = rpc::connect(&config)?;
     let namespace = match source {
@@ -136,6 +146,7 @@ pub async fn run_from(
                 let (ready, up) = tokio::sync::oneshot::channel();
                 let settings = control::ControlSettings {
                     amqp_url: config.amqp_url.clone(),
+                    amqp_tls: amqp_tls.clone(),
                     worker_id: worker_id.clone(),
                 };
                 let task = tokio::spawn(control::consume_amqp(
@@ -168,11 +179,7 @@ pub async fn run_from(
             let settings = consumer::ConsumerSettings {
                 amqp_url: config.amqp_url.clone(),
                 namespace,
-                amqp_tls: orchestrator::tls::amqp_tls(
-                    &config.amqp_url,
-                    config.amqp_ca_cert.as_deref(),
-                )
-                .map_err(|e| WorkerError::Config(e.to_string()))?,
+                amqp_tls,
                 queues: config.queues.clone(),
                 concurrency: config.concurrency,
                 worker_id: worker_id.clone(),

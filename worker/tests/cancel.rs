@@ -1,6 +1,7 @@
 //! Pushed cancellation end to end: orchd pushes a cancel to the worker that
 //! runs the job (RabbitMQ control queue under `orchd serve`, the in-process
-//! queue under `orchd dev`), the heartbeat poll is the fallback when the
+//! queue under `orchd dev`; over `amqps://` with a private CA too), the
+//! heartbeat poll is the fallback when the
 //! push is lost, and a push that orchd did not send or that names an
 //! attempt the worker does not run stops nothing. Real orchd, Redis, RabbitMQ and workers; no timing assertions,
 //! generous timeouts only to detect hangs.
@@ -25,6 +26,7 @@ use orchestrator::queue::{amqp, message, topology};
 use orchestrator::state::State;
 use orchestrator::store::embedded::EmbeddedStore;
 use orchestrator_server::{Backend, Running, ServeConfig};
+use orchestrator_testkit::{RabbitServer, TestCerts, shared_redis_url, unique_name};
 use orchestrator_worker::{HandlerError, Registry, Source, WorkerConfig, handler_fn};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -85,6 +87,39 @@ async fn a_pushed_cancel_alone_stops_a_running_job_over_rabbitmq() {
     );
     worker.stop(T).await;
     orchd.stop().await;
+}
+
+/// Injects: nothing; RabbitMQ reachable only over TLS with a certificate of
+/// a private CA, given to orchd and the worker with `--amqp-ca-cert`, and
+/// the worker's heartbeat poll 9 minutes away. Asserts: the pushed cancel
+/// alone stops the running job, so the worker's control consumer (on a
+/// connection of its own) trusts the CA as its job consumer does.
+#[tokio::test]
+async fn a_pushed_cancel_alone_stops_a_running_job_over_amqps_with_a_private_ca() {
+    let certs = Arc::new(TestCerts::generate());
+    let rabbit = {
+        let certs = certs.clone();
+        tokio::task::spawn_blocking(move || RabbitServer::start_tls(&certs))
+            .await
+            .unwrap()
+    };
+    let mut orchd_config = ServeConfig::local(shared_redis_url(), rabbit.tls_url());
+    orchd_config.redis_prefix = format!("{}:", unique_name("w"));
+    orchd_config.amqp_ca_cert = Some(certs.ca_cert.clone());
+    let orchd = Orchd::with_config(orchd_config).await;
+    let queue = fresh_queue();
+    let mut config = worker_config(&orchd, &queue);
+    config.amqp_ca_cert = Some(certs.ca_cert.clone());
+    without_polling(&mut config);
+    let worker = Worker::start(config);
+    let mut jobs = orchd.jobs().await;
+
+    let done = cancel_a_long_sleep(&mut jobs, &queue).await;
+    assert_eq!(state(&done), State::Cancelled, "{}", done.error);
+    assert_eq!(done.error, "cancelled by user");
+    worker.stop(T).await;
+    orchd.stop().await;
+    drop(rabbit);
 }
 
 /// Injects: the push dropped (the worker runs with `--cancel-push=false`, so

@@ -1,6 +1,7 @@
 //! Fault tests of the worker against a real orchd: orchd restarting while
 //! a job runs and while a message waits, RabbitMQ restarting under a
-//! consuming worker, and the worker's control queue deleted under it.
+//! consuming worker, and the worker's control queue or one of its job
+//! queues deleted under it.
 
 mod common;
 
@@ -177,6 +178,59 @@ async fn a_worker_redeclares_its_deleted_control_queue() {
     .expect("cancel");
     let done = wait_terminal(&mut jobs, &job.id, T).await;
     assert_eq!(state(&done), State::Cancelled, "{}", done.error);
+
+    worker.stop(T).await;
+    orchd.stop().await;
+    drop(rabbit);
+}
+
+/// Waits (up to [`T`]) until `queue` exists on `rabbit` with one consumer.
+async fn wait_consumed(rabbit: &RabbitServer, queue: &str, what: &str) {
+    let deadline = tokio::time::Instant::now() + T;
+    while !consumed(rabbit, queue) {
+        assert!(tokio::time::Instant::now() < deadline, "{queue} {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Injects: one of the two job queues of a worker deleted under it
+/// (`rabbitmqctl delete_queue`, as an operator might; the broker cancels
+/// that one consumer and leaves the other alone). Asserts: the worker
+/// declares and consumes the deleted queue again by itself, and jobs
+/// submitted afterwards to either queue complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_redeclares_a_deleted_job_queue_of_several() {
+    let rabbit = tokio::task::spawn_blocking(RabbitServer::start)
+        .await
+        .unwrap();
+    let orchd = Orchd::on(shared_redis_url(), rabbit.url()).await;
+    let (deleted, kept) = (fresh_queue(), fresh_queue());
+    let mut config = worker_config(&orchd, &deleted);
+    config.queues.push(kept.clone());
+    let worker = Worker::start(config);
+    let mut jobs = orchd.jobs().await;
+    let (deleted_name, kept_name) = (
+        topology::queue_name("default", &deleted),
+        topology::queue_name("default", &kept),
+    );
+    wait_consumed(&rabbit, &deleted_name, "never consumed").await;
+    wait_consumed(&rabbit, &kept_name, "never consumed").await;
+
+    let out = tokio::task::block_in_place(|| rabbit.rabbitmqctl(&["delete_queue", &deleted_name]));
+    assert!(
+        out.status.success(),
+        "delete_queue: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_consumed(&rabbit, &deleted_name, "not consumed again").await;
+    wait_consumed(&rabbit, &kept_name, "not consumed after the reconnect").await;
+
+    for queue in [&deleted, &kept] {
+        let job = submit(&mut jobs, spec("echo", queue, json!({"queue": queue}))).await;
+        let done = wait_terminal(&mut jobs, &job.id, T).await;
+        assert_eq!(state(&done), State::Completed, "{queue}: {}", done.error);
+        assert_eq!(result_json(&done), json!({"queue": queue}));
+    }
 
     worker.stop(T).await;
     orchd.stop().await;
