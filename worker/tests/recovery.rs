@@ -509,3 +509,142 @@ async fn a_frozen_worker_that_wakes_up_after_its_lease_is_fenced() {
     awake.stop(T).await;
     orchd.stop().await;
 }
+
+/// A TCP relay in front of orchd's gRPC port that can be cut: its open
+/// connections are dropped and new ones refused, as in a network partition
+/// between one worker and orchd.
+struct Relay {
+    url: String,
+    cut: tokio_util::sync::CancellationToken,
+}
+
+impl Relay {
+    async fn to(orchd: &Orchd) -> Relay {
+        let target = orchd.server_url().trim_start_matches("http://").to_owned();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let cut = tokio_util::sync::CancellationToken::new();
+        let relay_cut = cut.clone();
+        tokio::spawn(async move {
+            loop {
+                let mut inbound = tokio::select! {
+                    // Dropping the listener refuses new connections.
+                    _ = relay_cut.cancelled() => return,
+                    accepted = listener.accept() => match accepted {
+                        Ok((socket, _)) => socket,
+                        Err(_) => return,
+                    },
+                };
+                let (target, cut) = (target.clone(), relay_cut.clone());
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = cut.cancelled() => {}
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                    }
+                });
+            }
+        });
+        Relay { url, cut }
+    }
+}
+
+/// When each attempt of a `hold` job ran: attempt → (start, end).
+type Spans = Arc<Mutex<HashMap<u32, (std::time::Instant, Option<std::time::Instant>)>>>;
+
+/// The built-ins plus `hold`: attempt 1 runs until it is cancelled (an
+/// hour at most); later attempts complete after 200 ms.
+fn holding_registry(config: &orchestrator_worker::WorkerConfig, spans: Spans) -> Registry {
+    let mut registry = Registry::with_builtins(config);
+    registry
+        .register(
+            "hold",
+            handler_fn(move |ctx| {
+                let spans = spans.clone();
+                async move {
+                    let attempt = ctx.job.attempt;
+                    spans
+                        .lock()
+                        .unwrap()
+                        .insert(attempt, (std::time::Instant::now(), None));
+                    let run = if attempt == 1 {
+                        Duration::from_secs(3600)
+                    } else {
+                        Duration::from_millis(200)
+                    };
+                    let cancelled = tokio::select! {
+                        _ = ctx.cancel.cancelled() => true,
+                        _ = tokio::time::sleep(run) => false,
+                    };
+                    if let Some(span) = spans.lock().unwrap().get_mut(&attempt) {
+                        span.1 = Some(std::time::Instant::now());
+                    }
+                    if cancelled {
+                        return Err(orchestrator_worker::HandlerError::Cancelled);
+                    }
+                    Ok(Default::default())
+                }
+            }),
+        )
+        .expect("hold is a valid kind");
+    registry
+}
+
+/// Injects: a network partition between a worker and orchd (a relay on the
+/// worker's gRPC path, cut) while the worker runs attempt 1 of a job, with
+/// a 3 s lease; orchd and a second worker stay connected. Asserts: orchd's
+/// sweeper gives the job to the second worker, which completes attempt 2,
+/// and the cut-off worker stopped attempt 1 before attempt 2 started: the
+/// two attempts never ran at the same time.
+#[tokio::test]
+async fn a_worker_cut_off_from_orchd_stops_its_attempt_before_another_worker_runs_it() {
+    let orchd = Orchd::start().await;
+    let mut jobs = orchd.jobs().await;
+    let queue = fresh_queue();
+    let spans: Spans = Arc::default();
+    let relay = Relay::to(&orchd).await;
+
+    let mut cut_off = worker_config(&orchd, &queue);
+    cut_off.server = relay.url.clone();
+    cut_off.lease = Duration::from_secs(3);
+    cut_off.heartbeat_interval = Duration::from_millis(500);
+    cut_off.concurrency = 1;
+    cut_off.worker_id_prefix = Some("cut-off".into());
+    let cut_off = Worker::with_registry(cut_off.clone(), holding_registry(&cut_off, spans.clone()));
+
+    let mut spec = spec("hold", &queue, json!({}));
+    spec.max_attempts = 3;
+    spec.retry = Some(quick_retries());
+    let job = submit(&mut jobs, spec).await;
+    let running = wait_state(&mut jobs, &job.id, State::Running, T).await;
+    assert!(
+        running.worker_id.starts_with("cut-off"),
+        "{}",
+        running.worker_id
+    );
+    relay.cut.cancel();
+
+    let mut other = worker_config(&orchd, &queue);
+    other.worker_id_prefix = Some("other".into());
+    let other = Worker::with_registry(other.clone(), holding_registry(&other, spans.clone()));
+    let done = wait_terminal(&mut jobs, &job.id, Duration::from_secs(60)).await;
+    assert_eq!(state(&done), State::Completed, "{}", done.error);
+    assert_eq!(done.attempt, 2);
+    assert!(done.worker_id.starts_with("other"), "{}", done.worker_id);
+
+    let spans = spans.lock().unwrap().clone();
+    let (_, first_end) = spans[&1];
+    let (second_start, _) = spans[&2];
+    let first_end = first_end.expect("the cut-off worker stopped attempt 1");
+    assert!(
+        first_end <= second_start,
+        "attempt 1 ran {:?} into attempt 2",
+        first_end - second_start
+    );
+
+    other.stop(T).await;
+    cut_off.stop(T).await;
+    orchd.stop().await;
+}
