@@ -111,6 +111,7 @@ conformance!(
     case_a_blind_apply_writes_what_apply_writes,
     case_an_apply_without_history_answers_the_job_as_written,
     case_a_failure_decided_before_a_cancel_request_conflicts,
+    case_filtered_pages_reach_matches_past_the_first_scan_batch,
 );
 
 fn new_job(kind: &str, key: &str) -> orchestrator::job::NewJob {
@@ -1190,4 +1191,44 @@ async fn case_a_failure_decided_before_a_cancel_request_conflicts(store: Arc<dyn
         cancelled.state,
         orchestrator::proto::v1::job::State::Cancelled as i32
     );
+}
+
+/// A listing by state and kind reads the state index and filters by kind.
+/// With more non-matching jobs in front of the matches than one scan batch
+/// holds (50), following the page tokens must still reach every match.
+async fn case_filtered_pages_reach_matches_past_the_first_scan_batch(store: Arc<dyn JobStore>) {
+    let namespace = unique_name("pages");
+    let base = now_ms();
+    let mut create = async |kind: &str, at: i64| {
+        let mut new = new_job(kind, "");
+        new.namespace = namespace.clone();
+        let id = Uuid::new_v4();
+        store.create(id, &new, at, at).await.unwrap();
+        id.to_string()
+    };
+    let mut wanted = Vec::new();
+    for i in 0..3 {
+        wanted.push(create("paged", base + i).await);
+    }
+    for i in 0..60 {
+        create("other", base + 10 + i).await;
+    }
+    wanted.reverse();
+
+    let mut q = ListQuery {
+        state: Some(State::Created),
+        kind: Some("paged".into()),
+        page_size: 1,
+        ..in_namespace(&namespace)
+    };
+    let mut seen = Vec::new();
+    for _ in 0..10 {
+        let page = store.list(&q).await.unwrap();
+        seen.extend(page.jobs.into_iter().map(|j| j.id));
+        match page.next_page_token {
+            Some(token) => q.page_token = Some(token),
+            None => break,
+        }
+    }
+    assert_eq!(seen, wanted, "every match, newest first, across the pages");
 }

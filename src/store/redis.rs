@@ -877,14 +877,14 @@ impl JobStore for RedisStore {
                 .filter_map(|m| m.split_once(':').map(|(_, id)| id.to_owned()))
                 .collect();
             let found = self.read_many(&ids).await?;
-            for (member, job) in members.iter().zip(found) {
+            for (i, (member, job)) in members.iter().zip(found).enumerate() {
                 scanned += 1;
                 cursor = format!("({member}");
                 // A job purged between the index read and the job read is skipped.
                 if let Some(job) = job.filter(|j| query.matches(j)) {
                     jobs.push(job);
                     if jobs.len() == want {
-                        let more = !exhausted || scanned < members.len();
+                        let more = !exhausted || i + 1 < members.len();
                         return Ok(Page {
                             jobs,
                             next_page_token: more.then(|| encode_token(member)),
