@@ -147,12 +147,15 @@ pub async fn start(config: DevConfig) -> Result<DevRunning, ServerError> {
             ..ServerInfo::default()
         },
     };
-    // With tokens on, the in-process workers get a worker token of their
-    // own, made up now and known only to this process.
+    // With tokens on, the in-process workers get a token of their own, made
+    // up now and known only to this process. They run the jobs of every
+    // namespace (they consume every in-process queue), and a worker token
+    // is confined to one namespace: so theirs is an admin's, which no one
+    // outside this process can hold.
     let worker_token = orchestrator::auth::new_token();
     let worker_entry = TokenEntry::for_token(
         DEV_WORKER_TOKEN_NAME,
-        Role::Worker,
+        Role::Admin,
         orchestrator::auth::DEFAULT_NAMESPACE,
         &worker_token,
     )

@@ -26,6 +26,7 @@ const CLIENT: &str = "orch_client-token-for-alice";
 const WORKER: &str = "orch_worker-token-for-w1";
 const ADMIN: &str = "orch_admin-token-for-root";
 const UNKNOWN: &str = "orch_not-a-token-this-server-knows";
+const CAROL: &str = "orch_client-token-for-carol";
 
 /// A tokens file with alice (client), w1 (worker) and root (admin).
 fn tokens_file(dir: &tempfile::TempDir) -> PathBuf {
@@ -550,9 +551,15 @@ async fn dev_refuses_a_public_address_without_tokens_and_runs_jobs_with_them() {
     assert!(err.contains("--insecure-no-auth"), "{err}");
 
     // With tokens: the in-process workers have a token of their own, and
-    // a client's job runs to completion.
+    // a client's job runs to completion, in any namespace.
     let dir = tempfile::tempdir().unwrap();
-    config.auth.tokens_file = Some(tokens_file(&dir));
+    config.auth.tokens_file = Some(common::tokens::tokens_file(
+        &dir,
+        &[
+            ("alice", Role::Client, "default", CLIENT),
+            ("carol", Role::Client, "team-a", CAROL),
+        ],
+    ));
     let running = dev::start(config).await.unwrap();
     let port = running.server.grpc_addr.port();
     let channel = Channel::from_shared(format!("http://127.0.0.1:{port}"))
@@ -581,6 +588,27 @@ async fn dev_refuses_a_public_address_without_tokens_and_runs_jobs_with_them() {
     })
     .await;
     assert_eq!(done.history[0].reason, "submitted by alice");
+    let mut carol =
+        JobServiceClient::with_interceptor(channel.clone(), header(bearer(CAROL).as_deref()));
+    let job = carol
+        .submit_job(spec("echo", "default"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(job.namespace, "team-a");
+    eventually("team-a's job completes", Duration::from_secs(20), || {
+        let mut carol = carol.clone();
+        let id = job.id.clone();
+        async move {
+            let job = carol
+                .get_job(GetJobRequest { job_id: id })
+                .await
+                .unwrap()
+                .into_inner();
+            (job.state == job::State::Completed as i32).then_some(job)
+        }
+    })
+    .await;
     let mut anonymous = JobServiceClient::new(channel);
     assert_eq!(
         anonymous
