@@ -67,14 +67,14 @@ impl JobService {
     /// Validates and stores a job, then dispatches it. The job is durable in
     /// the store when this returns; if the publish fails, the dispatcher's
     /// outbox loop publishes it later. The history records `caller`'s name
-    /// ("submitted by NAME") unless it is anonymous. A valid request counts
+    /// ("submitted by NAME") unless it is anonymous. A valid, permitted request counts
     /// against `caller`'s submit rate, even when idempotency returns an
     /// existing job.
     pub async fn submit(&self, req: SubmitJobRequest, caller: &Caller) -> Result<Job> {
         let mut new = validate::submit(&req, &self.limits)?;
+        new.namespace = caller.namespace_for(&new.namespace)?;
         self.quotas.check_submit(caller, 1)?;
         new.submitted_by = caller.name.clone();
-        new.namespace = caller.namespace_for(&new.namespace)?;
         let id = Uuid::new_v4();
         let now = now_ms();
         let claim = now + self.dispatcher.claim_ttl_ms();

@@ -928,6 +928,18 @@ async fn a_flood_of_submits_past_the_rate_gets_429_and_stores_only_what_was_acce
         .await;
         assert_eq!(answer.status, 400);
     }
+    // Nor do submits into a namespace that is not his: 403, nothing counted.
+    for _ in 0..5 {
+        let answer = rest(
+            &server,
+            reqwest::Method::POST,
+            "/jobs",
+            auth_header(BOB),
+            Some(r#"{"kind":"echo","namespace":"not-bobs"}"#.into()),
+        )
+        .await;
+        assert_eq!(answer.status, 403, "{:?}", answer.body);
+    }
 
     // Sent: 60 concurrent submits by alice, half REST, half gRPC.
     // Expected: 20 accepted, 40 refused with a retry hint.
@@ -998,8 +1010,8 @@ async fn a_flood_of_submits_past_the_rate_gets_429_and_stores_only_what_was_acce
     // Two jobs at one per hour: the hint is up to two hours.
     assert_rate_limited(&answer, "by a batch of 2 jobs", 2 * 3600);
 
-    // Bob has a bucket of his own (his invalid submits took nothing from
-    // it): a batch of 20 passes, then one more job does not. A batch larger
+    // Bob has a bucket of his own (his invalid and forbidden submits took
+    // nothing from it): a batch of 20 passes, then one more job does not. A batch larger
     // than the whole bucket can never pass: 400 naming `jobs`.
     let mut bob = grpc(&server, BOB).await;
     let status = bob
