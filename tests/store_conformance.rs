@@ -147,6 +147,22 @@ async fn create(store: &dyn JobStore, kind: &str, key: &str) -> Uuid {
     create_at(store, kind, key, now_ms()).await
 }
 
+/// Worker `w` starting `attempt` (of 3) of a dispatched job under lease
+/// `token` (30 s), without reading the job.
+fn start_of(attempt: u32, token: &str, at_ms: i64) -> Change {
+    attempt::start_dispatched(
+        attempt::Dispatched {
+            attempt,
+            max_attempts: 3,
+        },
+        "w",
+        token.into(),
+        Duration::from_secs(30),
+        at_ms,
+    )
+    .unwrap()
+}
+
 fn cancel(from: State) -> Change {
     Change {
         expect: Some(from),
@@ -886,17 +902,7 @@ async fn case_attempt_and_namespace_expectations_guard_a_change(store: Arc<dyn J
     };
     let id: Uuid = job.id.parse().unwrap();
     let start = |expect_attempt: u32, namespace: Option<&str>| {
-        let mut change = attempt::start_dispatched(
-            attempt::Dispatched {
-                attempt: expect_attempt + 1,
-                max_attempts: 3,
-            },
-            "w",
-            "tok".into(),
-            Duration::from_secs(30),
-            now_ms(),
-        )
-        .unwrap();
+        let mut change = start_of(expect_attempt + 1, "tok", now_ms());
         change.expect_attempt = Some(expect_attempt);
         change.expect_namespace = namespace.map(str::to_owned);
         change
@@ -938,17 +944,7 @@ async fn case_attempt_and_namespace_expectations_guard_a_change(store: Arc<dyn J
 async fn case_a_blind_apply_writes_what_apply_writes(store: Arc<dyn JobStore>) {
     let id = create(&*store, "blind", "").await;
     let started_at = now_ms();
-    let start = attempt::start_dispatched(
-        attempt::Dispatched {
-            attempt: 1,
-            max_attempts: 3,
-        },
-        "w",
-        "tok".into(),
-        Duration::from_secs(30),
-        started_at,
-    )
-    .unwrap();
+    let start = start_of(1, "tok", started_at);
     assert!(matches!(
         store.apply_blind(id, &start).await.unwrap(),
         Applied::Done(())
@@ -1029,19 +1025,7 @@ async fn stored_without_history(store: &dyn JobStore, id: Uuid) -> orchestrator:
 
 async fn case_an_apply_without_history_answers_the_job_as_written(store: Arc<dyn JobStore>) {
     let id = create(&*store, "unhistoried", "").await;
-    let start = |attempt: u32, token: &str| {
-        attempt::start_dispatched(
-            attempt::Dispatched {
-                attempt,
-                max_attempts: 3,
-            },
-            "w",
-            token.into(),
-            Duration::from_secs(30),
-            now_ms(),
-        )
-        .unwrap()
-    };
+    let start = |attempt: u32, token: &str| start_of(attempt, token, now_ms());
     let answered = |applied: Applied| match applied {
         Applied::Done(job) => *job,
         other => panic!("not written: {other:?}"),
@@ -1106,32 +1090,18 @@ async fn case_an_apply_without_history_answers_the_job_as_written(store: Arc<dyn
 /// and writes nothing, and the decision taken on a fresh read cancels.
 async fn case_a_failure_decided_before_a_cancel_request_conflicts(store: Arc<dyn JobStore>) {
     let id = create(&*store, "work", "").await;
-    let start = attempt::start_dispatched(
-        attempt::Dispatched {
-            attempt: 1,
-            max_attempts: 3,
-        },
-        "w",
-        "tok".into(),
-        Duration::from_secs(30),
-        now_ms(),
-    )
-    .unwrap();
+    let start = start_of(1, "tok", now_ms());
     assert!(matches!(
         store.apply(id, &start).await.unwrap(),
         Applied::Done(_)
     ));
+    // The worker's report of a failed attempt, decided on `job`.
+    let failed = |job: &orchestrator::proto::v1::Job| {
+        attempt::fail(job, Some("tok"), "boom", false, now_ms(), &mut rand::rng()).unwrap()
+    };
     let read = store.get(id).await.unwrap().unwrap();
     assert!(!read.cancel_requested);
-    let failure = attempt::fail(
-        &read,
-        Some("tok"),
-        "boom",
-        false,
-        now_ms(),
-        &mut rand::rng(),
-    )
-    .unwrap();
+    let failure = failed(&read);
     assert_eq!(failure.to, Some(State::Retrying));
 
     let attempt::CancelStep::Apply(cancel) = attempt::user_cancel(&read, None, now_ms()).unwrap()
@@ -1171,15 +1141,7 @@ async fn case_a_failure_decided_before_a_cancel_request_conflicts(store: Arc<dyn
     let unchanged = store.get(id).await.unwrap().unwrap();
     assert_eq!(format!("{unchanged:?}"), format!("{requested:?}"));
 
-    let decided_again = attempt::fail(
-        &unchanged,
-        Some("tok"),
-        "boom",
-        false,
-        now_ms(),
-        &mut rand::rng(),
-    )
-    .unwrap();
+    let decided_again = failed(&unchanged);
     let Applied::Done(cancelled) = store
         .apply_without_history(id, &decided_again)
         .await
@@ -1199,7 +1161,7 @@ async fn case_a_failure_decided_before_a_cancel_request_conflicts(store: Arc<dyn
 async fn case_filtered_pages_reach_matches_past_the_first_scan_batch(store: Arc<dyn JobStore>) {
     let namespace = unique_name("pages");
     let base = now_ms();
-    let mut create = async |kind: &str, at: i64| {
+    let create = async |kind: &str, at: i64| {
         let mut new = new_job(kind, "");
         new.namespace = namespace.clone();
         let id = Uuid::new_v4();

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::tokens::{bearer, channel, header, jobs_as, rest, workers_as};
 use common::{TestServer, eventually, fresh_queue, spec};
-use orchestrator::auth::Role;
+use orchestrator::auth::{BearerAuth, Role};
 use orchestrator::proto::v1::job_service_client::JobServiceClient;
 use orchestrator::proto::v1::{
     CancelJobRequest, FinishAttemptRequest, GetJobRequest, GetServerInfoRequest, HeartbeatRequest,
@@ -19,6 +19,7 @@ use orchestrator::proto::v1::{
 use orchestrator_server::dev::{self, DevConfig};
 use orchestrator_server::{ServeConfig, ServerError};
 use orchestrator_testkit::{shared_amqp_url, shared_redis_url, unique_name};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
@@ -540,6 +541,26 @@ async fn without_tokens_a_public_address_is_refused_unless_insecure() {
     );
 }
 
+/// Job `id` once COMPLETED, read by `client`.
+async fn completed(
+    client: &JobServiceClient<InterceptedService<Channel, BearerAuth>>,
+    id: &str,
+) -> Job {
+    eventually("the job completes", Duration::from_secs(20), || {
+        let mut client = client.clone();
+        let job_id = id.to_owned();
+        async move {
+            let job = client
+                .get_job(GetJobRequest { job_id })
+                .await
+                .unwrap()
+                .into_inner();
+            (job.state == job::State::Completed as i32).then_some(job)
+        }
+    })
+    .await
+}
+
 #[tokio::test]
 async fn dev_refuses_a_public_address_without_tokens_and_runs_jobs_with_them() {
     let mut config = DevConfig::local_ephemeral(1);
@@ -574,19 +595,7 @@ async fn dev_refuses_a_public_address_without_tokens_and_runs_jobs_with_them() {
         .await
         .unwrap()
         .into_inner();
-    let done = eventually("the job completes", Duration::from_secs(20), || {
-        let mut alice = alice.clone();
-        let id = job.id.clone();
-        async move {
-            let job = alice
-                .get_job(GetJobRequest { job_id: id })
-                .await
-                .unwrap()
-                .into_inner();
-            (job.state == job::State::Completed as i32).then_some(job)
-        }
-    })
-    .await;
+    let done = completed(&alice, &job.id).await;
     assert_eq!(done.history[0].reason, "submitted by alice");
     let mut carol =
         JobServiceClient::with_interceptor(channel.clone(), header(bearer(CAROL).as_deref()));
@@ -596,19 +605,8 @@ async fn dev_refuses_a_public_address_without_tokens_and_runs_jobs_with_them() {
         .unwrap()
         .into_inner();
     assert_eq!(job.namespace, "team-a");
-    eventually("team-a's job completes", Duration::from_secs(20), || {
-        let mut carol = carol.clone();
-        let id = job.id.clone();
-        async move {
-            let job = carol
-                .get_job(GetJobRequest { job_id: id })
-                .await
-                .unwrap()
-                .into_inner();
-            (job.state == job::State::Completed as i32).then_some(job)
-        }
-    })
-    .await;
+    let done = completed(&carol, &job.id).await;
+    assert_eq!(done.namespace, "team-a");
     let mut anonymous = JobServiceClient::new(channel);
     assert_eq!(
         anonymous

@@ -52,8 +52,8 @@ async fn cancel(jobs: &mut JobServiceClient<Channel>, id: &str) {
     .expect("cancel");
 }
 
-/// Submits `sleep 1h`, waits until it runs, cancels it and returns the job
-/// once terminal.
+/// Submits `sleep 1h`, waits until it runs, cancels it, and returns the
+/// job once terminal, checked CANCELLED by the user.
 async fn cancel_a_long_sleep(
     jobs: &mut JobServiceClient<Channel>,
     queue: &str,
@@ -62,7 +62,10 @@ async fn cancel_a_long_sleep(
     let running = wait_state(jobs, &job.id, State::Running, T).await;
     assert!(!running.worker_id.is_empty(), "the worker is recorded");
     cancel(jobs, &job.id).await;
-    wait_terminal(jobs, &job.id, T).await
+    let done = wait_terminal(jobs, &job.id, T).await;
+    assert_eq!(state(&done), State::Cancelled, "{}", done.error);
+    assert_eq!(done.error, "cancelled by user");
+    done
 }
 
 #[tokio::test]
@@ -75,8 +78,6 @@ async fn a_pushed_cancel_alone_stops_a_running_job_over_rabbitmq() {
     let mut jobs = orchd.jobs().await;
 
     let done = cancel_a_long_sleep(&mut jobs, &queue).await;
-    assert_eq!(state(&done), State::Cancelled, "{}", done.error);
-    assert_eq!(done.error, "cancelled by user");
     assert_eq!(done.attempt, 1);
 
     // The worker's slot is free again and it keeps working.
@@ -114,9 +115,7 @@ async fn a_pushed_cancel_alone_stops_a_running_job_over_amqps_with_a_private_ca(
     let worker = Worker::start(config);
     let mut jobs = orchd.jobs().await;
 
-    let done = cancel_a_long_sleep(&mut jobs, &queue).await;
-    assert_eq!(state(&done), State::Cancelled, "{}", done.error);
-    assert_eq!(done.error, "cancelled by user");
+    cancel_a_long_sleep(&mut jobs, &queue).await;
     worker.stop(T).await;
     orchd.stop().await;
     drop(rabbit);
@@ -134,9 +133,7 @@ async fn without_the_push_the_heartbeat_poll_still_cancels() {
     let worker = Worker::start(config);
     let mut jobs = orchd.jobs().await;
 
-    let done = cancel_a_long_sleep(&mut jobs, &queue).await;
-    assert_eq!(state(&done), State::Cancelled, "{}", done.error);
-    assert_eq!(done.error, "cancelled by user");
+    cancel_a_long_sleep(&mut jobs, &queue).await;
     worker.stop(T).await;
     orchd.stop().await;
 }
@@ -346,9 +343,7 @@ impl Drop for Dev {
 #[tokio::test]
 async fn a_pushed_cancel_alone_stops_a_running_job_in_process() {
     let mut dev = Dev::start(without_polling).await;
-    let done = cancel_a_long_sleep(&mut dev.jobs, "default").await;
-    assert_eq!(state(&done), State::Cancelled, "{}", done.error);
-    assert_eq!(done.error, "cancelled by user");
+    cancel_a_long_sleep(&mut dev.jobs, "default").await;
     let next = submit(&mut dev.jobs, spec("noop", "default", json!({}))).await;
     assert_eq!(
         state(&wait_terminal(&mut dev.jobs, &next.id, T).await),
@@ -363,7 +358,6 @@ async fn a_pushed_cancel_alone_stops_a_running_job_in_process() {
 #[tokio::test]
 async fn without_the_push_the_heartbeat_poll_still_cancels_in_process() {
     let mut dev = Dev::start(|c| c.cancel_push = false).await;
-    let done = cancel_a_long_sleep(&mut dev.jobs, "default").await;
-    assert_eq!(state(&done), State::Cancelled, "{}", done.error);
+    cancel_a_long_sleep(&mut dev.jobs, "default").await;
     dev.stop().await;
 }
