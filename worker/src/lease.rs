@@ -139,6 +139,8 @@ struct Table {
     /// Attempts a push named, to be checked with orchd now: job id → lease
     /// token.
     checks: HashMap<String, String>,
+    /// When the lease watchdog wakes next (`None`: it waits for a lease).
+    watch_at: Option<Deadline>,
 }
 
 /// The leases this worker holds, by job id.
@@ -148,7 +150,8 @@ pub(crate) struct Leases {
     added: Notify,
     /// Woken when a check is queued.
     check_now: Notify,
-    /// Woken when an attempt registers, for the lease watchdog.
+    /// Woken when an attempt registers whose lease runs out before the
+    /// lease watchdog would wake.
     armed: Notify,
 }
 
@@ -205,6 +208,11 @@ impl Leases {
                 .insert(job_id.to_owned(), lease_token.to_owned());
             self.check_now.notify_one();
         }
+        // Waking the watchdog for every start would have it walk every lease
+        // each time; it only needs to when this lease runs out first.
+        let arm = control
+            .lease_until()
+            .is_some_and(|until| table.watch_at.is_none_or(|at| until < at));
         let replaced = table.running.insert(
             job_id.to_owned(),
             Entry {
@@ -214,12 +222,14 @@ impl Leases {
             },
         );
         drop(table);
+        if arm {
+            self.armed.notify_one();
+        }
         if let Some(old) = replaced.filter(|old| old.lease_token != lease_token) {
             tracing::warn!(job_id = %job_id, "a new attempt of this job started here; abandoning the old one");
             old.control.lose();
         }
         self.added.notify_one();
-        self.armed.notify_one();
     }
 
     /// Unregisters an attempt (only if it still holds `lease_token`).
@@ -300,22 +310,32 @@ impl Leases {
     }
 
     /// Stops, as lost, every attempt whose lease ran out by `now` without a
-    /// renewal; answers the earliest time a lease still held runs out.
+    /// renewal; answers (and records for [`Leases::insert`]) the earliest
+    /// time a lease still held runs out.
     fn give_up_run_out(&self, now: Deadline) -> Option<Deadline> {
+        let mut table = self.lock();
         let mut earliest: Option<Deadline> = None;
-        for held in self.snapshot() {
-            let Some(until) = held.control.lease_until() else {
+        let mut run_out = Vec::new();
+        for (job_id, entry) in &table.running {
+            let Some(until) = entry.control.lease_until() else {
                 continue;
             };
-            if held.control.is_lost() {
+            if entry.control.is_lost() {
                 continue;
             }
             if until <= now {
-                tracing::warn!(job_id = %held.job_id, "lease ran out without a renewal (orchd unreachable?); stopping the attempt, which orchd may give to another worker now");
-                held.control.lose();
+                run_out.push((job_id.clone(), entry.control.clone()));
             } else {
                 earliest = Some(earliest.map_or(until, |e| e.min(until)));
             }
+        }
+        // Recorded under the same lock as the walk, so that an attempt
+        // registering meanwhile either was walked or compares with this.
+        table.watch_at = earliest;
+        drop(table);
+        for (job_id, control) in run_out {
+            tracing::warn!(job_id = %job_id, "lease ran out without a renewal (orchd unreachable?); stopping the attempt, which orchd may give to another worker now");
+            control.lose();
         }
         earliest
     }
@@ -355,14 +375,14 @@ pub(crate) fn apply(sent: &[Held], statuses: &[LeaseStatus], renewed_until: Dead
                 tracing::warn!(job_id = %held.job_id, "lease lost (expired or taken over); abandoning the attempt without reporting");
             }
             held.control.lose();
-        } else if status.cancel_requested {
-            held.control.held_until(renewed_until);
+            continue;
+        }
+        held.control.held_until(renewed_until);
+        if status.cancel_requested {
             if held.control.reason().is_none() {
                 tracing::info!(job_id = %held.job_id, "cancel requested; stopping the handler");
             }
             held.control.stop(StopReason::CancelRequested);
-        } else {
-            held.control.held_until(renewed_until);
         }
     }
 }
@@ -584,7 +604,9 @@ mod tests {
     // from it) while another's renewals are answered. Asserted, on a paused
     // clock: the unrenewed attempt is stopped as lost when its lease runs
     // out, not before; the renewed one runs on until its own renewed lease
-    // runs out; an attempt with no known lease time is left alone.
+    // runs out; one registered later with a lease that runs out first is
+    // stopped on time too; an attempt with no known lease time is left
+    // alone.
     #[tokio::test(start_paused = true)]
     async fn an_attempt_whose_lease_ran_out_unrenewed_is_stopped_as_lost() {
         let lease = Duration::from_secs(30);
@@ -614,8 +636,16 @@ mod tests {
             &[status("renewed", true, false)],
             Deadline::now() + lease,
         );
+        // Registered while the watchdog sleeps until 30 s, with a lease that
+        // runs out before that (at 25 s): it is woken for it.
+        let short = Arc::new(AttemptControl::default());
+        short.held_until(Deadline::now() + Duration::from_secs(5));
+        leases.insert("short", 1, "t4", short.clone());
 
-        tokio::time::sleep(Duration::from_millis(9_900)).await;
+        tokio::time::sleep(Duration::from_millis(4_900)).await;
+        assert!(!short.is_lost(), "24.9 s");
+        tokio::time::sleep(Duration::from_millis(5_000)).await;
+        assert!(short.is_lost() && short.token.is_cancelled(), "29.9 s");
         assert!(
             !cut_off.is_lost() && !cut_off.token.is_cancelled(),
             "29.9 s"
