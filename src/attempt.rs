@@ -354,48 +354,35 @@ pub fn fail(
     now_ms: i64,
     rng: &mut impl Rng,
 ) -> Result<Change> {
-    let mut change = fail_decided(job, lease_token, message, permanent, now_ms, rng)?;
-    change.expect_cancel_requested = Some(job.cancel_requested);
-    Ok(change)
-}
-
-fn fail_decided(
-    job: &Job,
-    lease_token: Option<&str>,
-    message: &str,
-    permanent: bool,
-    now_ms: i64,
-    rng: &mut impl Rng,
-) -> Result<Change> {
     let attempt = job.attempt;
     let max = job.max_attempts;
-    if job.cancel_requested {
-        let reason = format!("cancelled by user (attempt {attempt} ended: {message})");
-        let mut change = finish(job, State::Cancelled, lease_token, &reason, now_ms)?;
-        change.error = Some(message.to_owned());
-        return Ok(change);
-    }
-    if permanent || attempt >= max {
-        let why = if permanent {
-            format!("attempt {attempt} of {max} failed permanently: {message}")
-        } else {
-            format!("attempt {attempt} of {max} failed, no attempts left: {message}")
-        };
-        let mut change = finish(job, State::Failed, lease_token, &why, now_ms)?;
-        change.error = Some(message.to_owned());
-        return Ok(change);
-    }
-    let delay = job_retry(job).backoff(attempt, rng);
-    let due = now_ms + delay.as_millis() as i64;
-    let why = format!(
-        "attempt {attempt} of {max} failed: {message}; retrying in {:.3}s",
-        delay.as_secs_f64()
-    );
-    let mut change = finish(job, State::Retrying, lease_token, &why, now_ms)?;
+    let mut retry_at = None;
+    let (to, why) = if job.cancel_requested {
+        let why = format!("cancelled by user (attempt {attempt} ended: {message})");
+        (State::Cancelled, why)
+    } else if permanent {
+        let why = format!("attempt {attempt} of {max} failed permanently: {message}");
+        (State::Failed, why)
+    } else if attempt >= max {
+        let why = format!("attempt {attempt} of {max} failed, no attempts left: {message}");
+        (State::Failed, why)
+    } else {
+        let delay = job_retry(job).backoff(attempt, rng);
+        retry_at = Some(now_ms + delay.as_millis() as i64);
+        let why = format!(
+            "attempt {attempt} of {max} failed: {message}; retrying in {:.3}s",
+            delay.as_secs_f64()
+        );
+        (State::Retrying, why)
+    };
+    let mut change = finish(job, to, lease_token, &why, now_ms)?;
     change.error = Some(message.to_owned());
-    change.next_attempt_ms = Some(Some(due));
-    change.due = Due::At(due);
-    change.worker_id = Some(None);
+    change.expect_cancel_requested = Some(job.cancel_requested);
+    if let Some(due) = retry_at {
+        change.next_attempt_ms = Some(Some(due));
+        change.due = Due::At(due);
+        change.worker_id = Some(None);
+    }
     Ok(change)
 }
 

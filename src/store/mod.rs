@@ -144,6 +144,17 @@ impl<T> Applied<T> {
     }
 }
 
+impl Applied {
+    /// The same outcome, the job as written without its history: what
+    /// [`JobStore::apply_without_history`] answers.
+    pub fn without_history(self) -> Applied {
+        self.map(|mut job| {
+            job.history.clear();
+            job
+        })
+    }
+}
+
 /// The result of [`JobStore::create`].
 #[derive(Debug, Clone)]
 pub enum Created {
@@ -236,10 +247,7 @@ pub trait JobStore: Send + Sync + 'static {
     /// write reads anyway instead of reading the job back; watchers are
     /// told as after [`JobStore::apply`].
     async fn apply_without_history(&self, id: Uuid, change: &Change) -> Result<Applied> {
-        Ok(self.apply(id, change).await?.map(|mut job| {
-            job.history.clear();
-            job
-        }))
+        Ok(self.apply(id, change).await?.without_history())
     }
 
     /// Claims up to `limit` jobs due at `now_ms` until `claim_until_ms`.

@@ -127,10 +127,11 @@ const APPLY_LUA: &str = r#"
 -- to delete
 -- Every redis.call costs a Lua-to-Redis round of its own, so the guards
 -- read once and the writes to the hash go in one HSET and one HDEL.
+-- The guards come first, in the same places in both reads.
 local f
 if ARGV[14] == 'p' then
   f = redis.call('HMGET', KEYS[1], 'state', 'ns', 'attempt', 'lease', 'lease_exp', 'id', 'ix',
-    'base', 'cancel', 'error', 'worker', 'result', 'updated', 'started', 'finished', 'next_at')
+    'cancel', 'base', 'error', 'worker', 'result', 'updated', 'started', 'finished', 'next_at')
 else
   f = redis.call('HMGET', KEYS[1], 'state', 'ns', 'attempt', 'lease', 'lease_exp', 'id', 'ix',
     'cancel')
@@ -143,9 +144,7 @@ if ARGV[1] ~= '' and state ~= ARGV[1] then return {0, state, 0} end
 if ARGV[11] ~= '' and (f[3] or '0') ~= ARGV[11] then return {0, state, 0} end
 if ARGV[2] ~= '' and f[4] ~= ARGV[2] then return {0, state, 1} end
 if ARGV[3] ~= '' and tonumber(f[5] or '0') > tonumber(ARGV[3]) then return {0, state, 1} end
-if ARGV[15] ~= '' and (f[ARGV[14] == 'p' and 9 or 8] or '0') ~= ARGV[15] then
-  return {0, state, 0}
-end
+if ARGV[15] ~= '' and (f[8] or '0') ~= ARGV[15] then return {0, state, 0} end
 local id = f[6]
 if ARGV[4] ~= '' and ARGV[4] ~= state then
   local sx = ARGV[5] .. ns .. ':state:'
@@ -180,8 +179,8 @@ const PRE_IMAGE_FIELDS: [&str; 16] = [
     "lease_exp",
     "id",
     "ix",
-    "base",
     "cancel",
+    "base",
     "error",
     "worker",
     "result",
@@ -951,10 +950,7 @@ impl JobStore for RedisStore {
     async fn apply_without_history(&self, id: Uuid, change: &Change) -> Result<Applied> {
         // A job watched here is read back in full, as in `apply_blind`.
         if !change.silent && self.subscriber.hub().is_watched(id) {
-            return Ok(self.apply(id, change).await?.map(|mut job| {
-                job.history.clear();
-                job
-            }));
+            return Ok(self.apply(id, change).await?.without_history());
         }
         let written = self.written(change);
         let reply = self
