@@ -129,6 +129,26 @@ fn consumed(rabbit: &RabbitServer, queue: &str) -> bool {
         .any(|line| line.split_whitespace().collect::<Vec<_>>() == [queue, "1"])
 }
 
+/// Waits (up to [`T`]) until `queue` exists on `rabbit` with one consumer.
+async fn wait_consumed(rabbit: &RabbitServer, queue: &str, what: &str) {
+    let deadline = tokio::time::Instant::now() + T;
+    while !consumed(rabbit, queue) {
+        assert!(tokio::time::Instant::now() < deadline, "{queue} {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Deletes `queue` on `rabbit` as an operator would (`rabbitmqctl
+/// delete_queue`): the broker cancels its consumers.
+fn delete_queue(rabbit: &RabbitServer, queue: &str) {
+    let out = tokio::task::block_in_place(|| rabbit.rabbitmqctl(&["delete_queue", queue]));
+    assert!(
+        out.status.success(),
+        "delete_queue: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Injects: the worker's control queue deleted under it while a job runs
 /// (`rabbitmqctl delete_queue`, as an operator might; the broker cancels
 /// the worker's consumer). Asserts: the worker declares and consumes the
@@ -156,20 +176,8 @@ async fn a_worker_redeclares_its_deleted_control_queue() {
         "{control} is consumed before any job runs"
     );
 
-    let out = tokio::task::block_in_place(|| rabbit.rabbitmqctl(&["delete_queue", &control]));
-    assert!(
-        out.status.success(),
-        "delete_queue: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let deadline = tokio::time::Instant::now() + T;
-    while !consumed(&rabbit, &control) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{control} not consumed again"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    delete_queue(&rabbit, &control);
+    wait_consumed(&rabbit, &control, "not consumed again").await;
 
     jobs.cancel_job(CancelJobRequest {
         job_id: job.id.clone(),
@@ -182,15 +190,6 @@ async fn a_worker_redeclares_its_deleted_control_queue() {
     worker.stop(T).await;
     orchd.stop().await;
     drop(rabbit);
-}
-
-/// Waits (up to [`T`]) until `queue` exists on `rabbit` with one consumer.
-async fn wait_consumed(rabbit: &RabbitServer, queue: &str, what: &str) {
-    let deadline = tokio::time::Instant::now() + T;
-    while !consumed(rabbit, queue) {
-        assert!(tokio::time::Instant::now() < deadline, "{queue} {what}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 /// Injects: one of the two job queues of a worker deleted under it
@@ -216,12 +215,7 @@ async fn a_worker_redeclares_a_deleted_job_queue_of_several() {
     wait_consumed(&rabbit, &deleted_name, "never consumed").await;
     wait_consumed(&rabbit, &kept_name, "never consumed").await;
 
-    let out = tokio::task::block_in_place(|| rabbit.rabbitmqctl(&["delete_queue", &deleted_name]));
-    assert!(
-        out.status.success(),
-        "delete_queue: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    delete_queue(&rabbit, &deleted_name);
     wait_consumed(&rabbit, &deleted_name, "not consumed again").await;
     wait_consumed(&rabbit, &kept_name, "not consumed after the reconnect").await;
 
